@@ -1,0 +1,265 @@
+"""Typed run configuration: one dataclass per concern, filled from defaults, a YAML preset and
+command-line overrides, then validated once.
+
+A bad key or value fails with one line naming where it came from (the YAML file or the command line),
+the key and what is allowed. The resolved configuration is saved in every run record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from methods.registry import ConfigError
+
+#: Environment variable that overrides the default data root (``datasets/``).
+DATA_ROOT_ENV = "FACEBENCH_DATA_ROOT"
+
+
+@dataclass
+class SynthFaceSettings:
+    """The built-in synthetic training pool (see :mod:`bench.data.synthface`)."""
+
+    #: Seed of the synthetic world: which faces exist. Independent of the training seed.
+    seed: int = 0
+    num_identities: int = 1000
+    images_per_identity: int = 40
+    image_size: int = 32
+    nuisance: float = 1.0
+    twin_fraction: float = 0.1
+    #: Fraction of training images whose label is flipped to another identity of the split.
+    label_noise: float = 0.0
+
+
+@dataclass
+class SplitSettings:
+    """Which images of the pool are trained on (see :mod:`bench.data.splits`)."""
+
+    name: str = "full"
+    seed: int = 0
+    #: Images kept per identity by the ``shallow`` split (2 in the SST / MASST papers).
+    shallow_images: int = 2
+    #: Exponent ``a`` of the long-tail power law P(n) ~ n^-a over per-identity image counts.
+    longtail_exponent: float = 1.5
+    longtail_min_images: int = 1
+    #: Keep only this many identities (0: all).
+    max_identities: int = 0
+
+
+@dataclass
+class DataSettings:
+    dataset: str = "synthface"
+    #: Where generated data, caches and split index files live ("" = $FACEBENCH_DATA_ROOT or ./datasets).
+    root: str = ""
+    split: SplitSettings = field(default_factory=SplitSettings)
+    synthface: SynthFaceSettings = field(default_factory=SynthFaceSettings)
+
+    def resolved_root(self) -> Path:
+        import os
+
+        return Path(self.root or os.environ.get(DATA_ROOT_ENV) or "datasets")
+
+
+@dataclass
+class TrainSettings:
+    """Identical for every method of one ``bench run`` (DESIGN.md, fairness rules)."""
+
+    backbone: str = "small"
+    embedding_size: int = 128
+    #: Images per optimizer step, all views counted.
+    batch_size: int = 128
+    #: Samples seen per method (all views counted); the number of steps is budget // batch_size.
+    budget: int = 120_000
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: Linear warm-up over this fraction of the steps, then polynomial decay to 0.
+    warmup_fraction: float = 0.05
+    lr_power: float = 2.0
+    #: Gradient-norm clip of the backbone only (insightface train_v2.py clips at 5); 0 disables.
+    grad_clip_norm: float = 5.0
+    #: Mixed precision (float16 autocast + GradScaler) on CUDA; ignored on CPU.
+    amp: bool = True
+    seed: int = 0
+    #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    device: str = "auto"
+    #: torch.use_deterministic_algorithms for bit-reproducible runs (slower on CUDA).
+    deterministic: bool = False
+    #: Steps between train.jsonl lines.
+    log_every: int = 25
+    #: Intra-op CPU threads (0: torch's default).
+    threads: int = 0
+
+
+@dataclass
+class EvalSettings:
+    protocols: list[str] = field(default_factory=lambda: ["synth-lfw"])
+    batch_size: int = 512
+    #: Which encoder of a method to evaluate ("" = the method's default, e.g. DCQ's momentum encoder).
+    encoder: str = ""
+
+
+@dataclass
+class RunConfig:
+    methods: list[str] = field(default_factory=lambda: ["arcface", "cosface"])
+    #: Per-method hyperparameter overrides, e.g. ``{"arcface": {"m": 0.45}}``.
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    #: Results directory; each method run writes ``<out>/<run-id>/``.
+    out: str = "results"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that determines the results (not where they are written)."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "out"}
+        payload["train"] = {k: v for k, v in payload["train"].items() if k not in ("device", "log_every")}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML ``preset`` (if any), then dotted ``overrides`` (``"train.lr": 0.05``)."""
+    cfg = RunConfig()
+    if preset is not None:
+        path = Path(preset)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+            cfg = _merge(cfg, raw, source=str(path), prefix="")
+    for key, value in (overrides or {}).items():
+        cfg = _merge(cfg, _nest(key.split("."), value), source="command line", prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _nest(parts: list[str], value: Any) -> dict[str, Any]:
+    return {parts[0]: value} if len(parts) == 1 else {parts[0]: _nest(parts[1:], value)}
+
+
+def _merge(obj: Any, raw: dict[str, Any], source: str, prefix: str) -> Any:
+    """A copy of dataclass ``obj`` with the keys of ``raw`` applied (recursively), type-checked."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    updates: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{path}'; valid: {', '.join(prefix + n for n in names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{path}' must be a mapping, got {value!r}")
+            updates[key] = _merge(current, value, source, f"{path}.")
+        elif key == "method_params":
+            updates[key] = _method_params(current, value, source, path)
+        else:
+            updates[key] = _coerce(value, hints[key], source, path)
+    return dataclasses.replace(obj, **updates)
+
+
+def _method_params(current: dict[str, dict[str, Any]], value: Any, source: str, path: str) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{source}: '{path}' must map method names to parameter mappings, got {value!r}")
+    merged = {name: dict(params) for name, params in current.items()}
+    for name, params in value.items():
+        merged.setdefault(str(name), {}).update(params)
+    return merged
+
+
+def _coerce(value: Any, hint: Any, source: str, path: str) -> Any:
+    """Read ``value`` as type ``hint`` (bool, int, float, str or list[str])."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{source}: '{path}' must be a list, got {value!r}")
+        return [str(item).strip() for item in items if str(item).strip()]
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields today
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    text = str(value).strip()
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = text.lower()
+            if lowered in ("true", "yes", "1", "on"):
+                return True
+            if lowered in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(text.replace("_", ""))
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(text)
+        if hint is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"{source}: '{path}' must be {hint.__name__}, got {value!r}") from None
+    raise ConfigError(f"{source}: '{path}' has an unsupported type {hint}")  # pragma: no cover
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks on every value; the message names the key and the allowed values."""
+    t, s, sp, e = cfg.train, cfg.data.synthface, cfg.data.split, cfg.eval
+    _require(len(cfg.methods) > 0, "methods: give at least one method")
+    _require(len(set(cfg.methods)) == len(cfg.methods), f"methods: duplicate names in {cfg.methods}")
+    _require(t.batch_size >= 2, f"train.batch_size must be >= 2, got {t.batch_size}")
+    _require(t.budget >= t.batch_size, f"train.budget ({t.budget}) must be >= train.batch_size ({t.batch_size})")
+    _require(t.embedding_size >= 2, f"train.embedding_size must be >= 2, got {t.embedding_size}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+    _require(t.lr_power >= 0, f"train.lr_power must be >= 0, got {t.lr_power}")
+    _require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0 (0 disables), got {t.grad_clip_norm}")
+    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.split(":")[0] == "cuda",
+             f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _require(s.num_identities >= 2, f"data.synthface.num_identities must be >= 2, got {s.num_identities}")
+    _require(s.images_per_identity >= 2,
+             f"data.synthface.images_per_identity must be >= 2, got {s.images_per_identity}")
+    _require(16 <= s.image_size <= 512, f"data.synthface.image_size must be in [16, 512], got {s.image_size}")
+    _require(0 <= s.nuisance <= 3, f"data.synthface.nuisance must be in [0, 3], got {s.nuisance}")
+    _require(0 <= s.twin_fraction <= 1, f"data.synthface.twin_fraction must be in [0, 1], got {s.twin_fraction}")
+    _require(0 <= s.label_noise < 1, f"data.synthface.label_noise must be in [0, 1), got {s.label_noise}")
+    _require(sp.shallow_images >= 1, f"data.split.shallow_images must be >= 1, got {sp.shallow_images}")
+    _require(sp.longtail_exponent > 0, f"data.split.longtail_exponent must be > 0, got {sp.longtail_exponent}")
+    _require(sp.longtail_min_images >= 1,
+             f"data.split.longtail_min_images must be >= 1, got {sp.longtail_min_images}")
+    _require(sp.max_identities >= 0, f"data.split.max_identities must be >= 0 (0: all), got {sp.max_identities}")
+    _require(len(e.protocols) > 0, "eval.protocols: give at least one protocol")
+    _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

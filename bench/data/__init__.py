@@ -1,0 +1,1 @@
+"""Training data: SynthFace (procedural faces), splits, samplers and batch loading."""

@@ -1,0 +1,27 @@
+"""Errors a user can cause and fix: each prints as one line and exits with code 2 (STYLE.md, CLI).
+
+:class:`methods.registry.ConfigError` (bad name or value) is raised by both packages; the harness adds
+errors about files and directories here.
+"""
+
+from __future__ import annotations
+
+from methods.registry import ConfigError, UnknownNameError
+
+
+class BenchError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class DataError(BenchError):
+    """A data file is missing, unreadable or corrupt; the message names the file and the problem."""
+
+
+class ResultsDirError(BenchError):
+    """The results directory cannot be created or written."""
+
+
+#: Exceptions the CLI reports as one line with exit code 2.
+USER_ERRORS: tuple[type[Exception], ...] = (BenchError, ConfigError)
+
+__all__ = ["BenchError", "ConfigError", "DataError", "ResultsDirError", "UnknownNameError", "USER_ERRORS"]

@@ -1,0 +1,1 @@
+"""Reports from run records: tables (Markdown, LaTeX)."""

@@ -1,0 +1,189 @@
+"""The training loop shared by every method: device, AMP, SGD, warm-up + polynomial LR, meters.
+
+Recipe (insightface arcface_torch train_v2.py, with the choices recorded in every run record):
+SGD with momentum 0.9 and weight decay 5e-4 over all parameter groups; the LR warms up linearly and then
+decays as ``(1 - progress) ** power``, stepped every iteration; the backbone's gradient norm is clipped
+(5.0); on CUDA, float16 autocast with a GradScaler. The step is split into three timed phases: ``data``
+(fetching and moving the batch), ``forward_backward``, ``optimizer`` (clip, step, the method's
+``on_step_end``) and ``logging`` (meters, log lines, the progress bar).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.config import TrainSettings
+from bench.profiling import PeakMemory, StepTimer
+from methods.base import Method
+from methods.registry import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally force deterministic algorithms."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, power: float) -> float:
+    """Multiplier of the base LR at 0-based ``step``: linear warm-up, then ``(1 - progress) ** power``.
+
+    Warm-up reaches the base LR at the end of step ``warmup_steps - 1`` (the first step uses
+    ``1 / warmup_steps`` rather than insightface's 0, which wastes a step); the decay reaches 0 after the
+    last step, as insightface's PolynomialLRWarmup.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    return max(0.0, 1.0 - (step - warmup_steps) / decay_steps) ** power
+
+
+def build_optimizer(method: Method, settings: TrainSettings) -> torch.optim.SGD:
+    return torch.optim.SGD(method.param_groups(), lr=settings.lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    samples_seen: int
+    wall_time_s: float
+    throughput_img_s: float
+    step_time_ms: dict[str, float]
+    peak_memory_bytes: int
+    peak_memory_method: str
+    final_loss: float
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    def perf(self) -> dict[str, Any]:
+        total = sum(self.step_time_ms.values())
+        return {
+            "steps": self.steps, "samples_seen": self.samples_seen, "train_wall_time_s": self.wall_time_s,
+            "throughput_img_s": self.throughput_img_s, "step_time_ms": self.step_time_ms,
+            "data_fraction_of_step": self.step_time_ms.get("data", 0.0) / total if total else 0.0,
+            "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_method": self.peak_memory_method,
+        }
+
+
+class Trainer:
+    """Owns the optimizer, LR schedule and AMP scaler of one method; ``step`` runs one iteration."""
+
+    def __init__(self, method: Method, settings: TrainSettings, device: torch.device, total_steps: int) -> None:
+        self.method, self.settings, self.device, self.total_steps = method, settings, device, total_steps
+        self.optimizer = build_optimizer(method, settings)
+        warmup = int(settings.warmup_fraction * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.lr_power))
+        self.amp = settings.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.backbone_params = [p for g in self.optimizer.param_groups if g.get("name") == "backbone"
+                                for p in g["params"]]
+        self.steps_done = 0
+
+    def _autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.method(images, labels)
+        self.scaler.scale(out.loss).backward()
+        return out.loss.detach(), out.logs
+
+    def update(self) -> None:
+        if self.settings.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.backbone_params, self.settings.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.on_step_end()
+        self.steps_done += 1
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One full iteration (forward, backward, update); returns the detached loss."""
+        loss, _ = self.forward_backward(images, labels)
+        self.update()
+        return loss
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def fit(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+            on_log: Callable[[dict[str, Any]], None] | None = None,
+            on_step: Callable[[int, float | None], None] | None = None) -> TrainResult:
+        """Train for the remaining steps, logging every ``log_every`` steps via ``on_log``.
+
+        ``on_step(step, loss_or_None)`` is called after every step (for progress bars); the loss is only
+        materialised at logging steps so that the loop never waits on the device needlessly.
+        """
+        self.method.train()
+        timer, memory = StepTimer(self.device), PeakMemory(self.device)
+        interval_loss = torch.zeros((), device=self.device)
+        interval_logs: dict[str, float] = {}
+        interval_steps, interval_start = 0, time.perf_counter()
+        curve: list[dict[str, Any]] = []
+        start, last_loss = time.perf_counter(), math.nan
+        timer.start()
+        while self.steps_done < self.total_steps:
+            images, labels = next(batches)
+            timer.lap("data")
+            loss, logs = self.forward_backward(images, labels)
+            timer.lap("forward_backward")
+            lr = self.lr
+            self.update()
+            timer.lap("optimizer")
+            interval_loss += loss
+            for key, value in logs.items():
+                interval_logs[key] = interval_logs.get(key, 0.0) + float(value)
+            interval_steps += 1
+            reported = None
+            if self.steps_done % self.settings.log_every == 0 or self.steps_done == self.total_steps:
+                now = time.perf_counter()
+                last_loss = reported = float(interval_loss) / interval_steps
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss became {last_loss} at step {self.steps_done}")
+                entry = {"step": self.steps_done, "samples": self.steps_done * self.settings.batch_size,
+                         "loss": last_loss, "lr": lr,
+                         "img_s": interval_steps * self.settings.batch_size / (now - interval_start),
+                         **{k: v / interval_steps for k, v in interval_logs.items()}}
+                curve.append(entry)
+                if on_log:
+                    on_log(entry)
+                interval_loss.zero_()
+                interval_logs, interval_steps, interval_start = {}, 0, time.perf_counter()
+            if on_step:
+                on_step(self.steps_done, reported)
+            timer.lap("logging")
+        wall = time.perf_counter() - start
+        samples = self.total_steps * self.settings.batch_size
+        return TrainResult(steps=self.total_steps, samples_seen=samples, wall_time_s=wall,
+                           throughput_img_s=samples / wall if wall > 0 else 0.0,
+                           step_time_ms=timer.breakdown_ms(self.total_steps), peak_memory_bytes=memory.peak_bytes(),
+                           peak_memory_method=memory.describe(), final_loss=last_loss, curve=curve)

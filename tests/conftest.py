@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny SynthFace configuration that trains and evaluates in seconds on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_SETS = [
+    "data.synthface.num_identities=24", "data.synthface.images_per_identity=4",
+    "train.embedding_size=32", "train.log_every=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    """Tests run with the CI machine's 2 threads, whatever the host has."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(previous, 2))
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny_eval(monkeypatch):
+    """synth-lfw with 10 folds of 4 + 4 pairs from 40 identities (the real protocol, fewer pairs)."""
+    from bench.eval.verification import SynthLFW
+
+    monkeypatch.setattr(SynthLFW, "num_identities", 40)
+    monkeypatch.setattr(SynthLFW, "pairs_per_kind", 4)
+
+
+@pytest.fixture
+def tiny_args(tmp_path, tiny_eval):
+    """Command-line arguments of a tiny `bench run` writing under tmp_path."""
+    args = ["--budget", "128", "--batch-size", "32", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "results"), "--data-root", str(tmp_path / "data")]
+    for item in TINY_SETS:
+        args += ["--set", item]
+    return args

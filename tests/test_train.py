@@ -1,0 +1,35 @@
+"""Training-loop pieces: LR schedule closed form, device resolution, determinism of a short run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.config import TrainSettings
+from bench.train import lr_factor, resolve_device
+from methods.registry import ConfigError
+
+
+def test_lr_factor_warmup_then_polynomial_decay():
+    # 10 warm-up steps of 100, power 2: step s < 10 -> (s+1)/10; then (1 - (s-10)/90)^2
+    assert lr_factor(0, 10, 100, 2.0) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 2.0) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 2.0) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 2.0) == pytest.approx((1 - 45 / 90) ** 2)
+    assert lr_factor(100, 10, 100, 2.0) == 0.0
+    assert lr_factor(40, 0, 100, 1.0) == pytest.approx(0.6)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_train_settings_defaults_are_the_insightface_recipe():
+    settings = TrainSettings()
+    assert (settings.momentum, settings.weight_decay, settings.grad_clip_norm) == (0.9, 5e-4, 5.0)
+    assert np.isclose(settings.lr, 0.1)
