@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.eval.metrics import kfold_accuracy, tar_at_far
+from bench.eval.metrics import INSIGHTFACE_THRESHOLDS, kfold_accuracy, tar_at_far
 from bench.eval.verification import lfw_style_pairs, verification_metrics
 
 
@@ -21,13 +21,15 @@ def test_kfold_accuracy_separable_pairs():
 
 def test_kfold_accuracy_hand_computed_with_one_error_per_fold():
     # each fold of 10 pairs: genuine at 0.2 (x4) and 1.9 (x1), impostors at 2.5 (x5).
-    # Best threshold on training folds: any t in (0.2, 1.9] gives 9/10 per fold, and t in (1.9, 2.5] gives
-    # 10/10... for genuine 1.9 < t <= 2.5 all correct, so the first best threshold is 1.91 and accuracy is 1.
+    # Thresholds t in (0.2, 1.9] accept 4 of 5 genuine pairs (9/10); t in (1.9, 2.5] get all 10 right.
+    # np.arange(0, 4, 0.01)[190] is 1.9000000000000001 > 1.9, so the first best threshold is grid point
+    # 190 (insightface inherits this floating-point grid), and every held-out fold scores 1.0.
     fold = np.array([0.2, 0.2, 0.2, 0.2, 1.9, 2.5, 2.5, 2.5, 2.5, 2.5])
     same = np.array([True] * 5 + [False] * 5)
     result = kfold_accuracy(np.tile(fold, 10), np.tile(same, 10))
+    assert INSIGHTFACE_THRESHOLDS[190] > 1.9
     assert result.mean == 1.0
-    assert np.allclose(result.fold_thresholds, 1.91)
+    assert np.all(result.fold_thresholds == INSIGHTFACE_THRESHOLDS[190])
 
 
 def test_kfold_accuracy_population_std():
