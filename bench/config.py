@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,8 +64,6 @@ class DataSettings:
     synthface: SynthFaceSettings = field(default_factory=SynthFaceSettings)
 
     def resolved_root(self) -> Path:
-        import os
-
         return Path(self.root or os.environ.get(DATA_ROOT_ENV) or "datasets")
 
 

@@ -81,5 +81,12 @@ def target_cosines(cosines: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_matrix(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Cosines between every embedding and every center, clamped to [-1, 1]: ``[B, C]``."""
-    return F.linear(F.normalize(embeddings, dim=1), F.normalize(centers, dim=1)).clamp(-1.0, 1.0)
+    """Cosines between every embedding and every center, clamped to [-1, 1]: ``[B, C]``.
+
+    Computed in at least float32 even under mixed precision, as insightface runs its FC layer
+    (arcface_torch builds PartialFC_V2 with fp16=False): float16 cosines near 1 lose the margin.
+    """
+    dtype = torch.promote_types(embeddings.dtype, torch.float32)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        return F.linear(F.normalize(embeddings.to(dtype), dim=1),
+                        F.normalize(centers.to(dtype), dim=1)).clamp(-1.0, 1.0)

@@ -8,6 +8,7 @@ Each module registers its networks with ``@BACKBONES.register("name")`` on a bui
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -21,10 +22,11 @@ BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 def build_backbone(name: str, embedding_size: int = 512, input_size: int = 112, **kwargs) -> nn.Module:
     """Build the registered backbone ``name`` for square inputs of side ``input_size``."""
     builder = BACKBONES.get(name)
-    try:
-        return builder(embedding_size=embedding_size, input_size=input_size, **kwargs)
-    except TypeError as exc:  # an unknown keyword for this backbone
-        raise ConfigError(f"backbone '{name}': {exc}") from exc
+    options = [p for p in inspect.signature(builder).parameters if p not in ("embedding_size", "input_size")]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ConfigError(f"backbone '{name}': unknown option '{unknown[0]}'; valid: {', '.join(options)}")
+    return builder(embedding_size=embedding_size, input_size=input_size, **kwargs)
 
 
 # Importing the modules registers their backbones.

@@ -46,36 +46,30 @@ MBF_HEAD_CHANNELS = 512
 
 
 class ConvBlock(nn.Module):
-    """conv (no bias) -> BatchNorm2d -> PReLU, stored as ``layers.{0,1,2}``."""
+    """conv (no bias) -> BatchNorm2d -> PReLU, stored as ``layers.{0,1,2}``; with ``activation=False``
+    the "linear" block of the paper, conv -> BatchNorm2d as ``layers.{0,1}``."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, padding: int = 0, groups: int = 1
+        self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, padding: int = 0,
+        groups: int = 1, activation: bool = True,
     ) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.PReLU(out_channels),
-        )
+        ]
+        if activation:
+            layers.append(nn.PReLU(out_channels))
+        self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
-class LinearBlock(nn.Module):
-    """conv (no bias) -> BatchNorm2d with no activation ("linear" in the paper), as ``layers.{0,1}``."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, padding: int = 0, groups: int = 1
-    ) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
-            nn.BatchNorm2d(out_channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+def LinearBlock(in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, padding: int = 0,
+                groups: int = 1) -> ConvBlock:
+    """The paper's linear block: :class:`ConvBlock` without its activation."""
+    return ConvBlock(in_channels, out_channels, kernel, stride, padding, groups, activation=False)
 
 
 class DepthWise(nn.Module):
