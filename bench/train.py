@@ -96,6 +96,7 @@ class Trainer:
     def __init__(self, method: Method, settings: TrainSettings, device: torch.device, total_steps: int) -> None:
         self.method, self.settings, self.device, self.total_steps = method, settings, device, total_steps
         self.optimizer = build_optimizer(method, settings)
+        method.attach_optimizer(self.optimizer)
         warmup = int(settings.warmup_fraction * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, warmup, total_steps, settings.lr_power))

@@ -1,24 +1,33 @@
-"""The baselines: ArcFace and CosFace over a full fully-connected (FC) classifier.
+"""The baselines: ArcFace, CosFace, the combined margin and sub-center ArcFace over a full FC layer.
 
 - ArcFace: J. Deng, J. Guo, N. Xue, S. Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face
   Recognition", CVPR 2019, arXiv:1801.07698. Eq. 3:
   ``L = -log( e^{s cos(theta_y + m)} / (e^{s cos(theta_y + m)} + sum_{j != y} e^{s cos theta_j}) )``.
+  The combined margin ``cos(m1 theta_y + m2) - m3`` is the paper's Eq. 4 (Sec. 3.3, "Comparison with
+  SphereFace and CosFace").
 - CosFace: H. Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
   arXiv:1801.09414. Eq. 4 (LMCL): the target logit is ``s (cos theta_y - m)``.
+- Sub-center ArcFace: J. Deng, J. Guo, T. Liu, M. Gong, S. Zafeiriou, "Sub-center ArcFace: Boosting Face
+  Recognition by Large-scale Noisy Web Faces", ECCV 2020. Each class has ``k`` centers; its cosine is the
+  max over them (Eq. 3), then ArcFace's margin applies. ``k = 3`` is the paper's default (Sec. 4.1) and
+  insightface's MXNet ``loss_K=3`` (recognition/subcenter_arcface, train_parall.py); rows
+  ``c*k .. c*k+k-1`` of ``weight`` belong to class ``c``, as in that reshape.
 
-Both normalise the embeddings and the class centers (``weight``, shape ``[num_classes, embedding_size]``),
-so the logits are scaled cosines. Defaults and their sources:
+Every head normalises the embeddings and the centers (``weight``), so logits are scaled cosines, and
+returns the mean cross-entropy. Defaults and their sources:
 
-- ArcFace ``s = 64``, ``m = 0.5`` rad: the ArcFace paper's training details (Sec. 4.1) and insightface's
-  MS1M configs (``margin_list=(1.0, 0.5, 0.0)``, ``s`` hard-coded to 64 in arcface_torch train_v2.py).
+- ArcFace ``s = 64``, ``m = 0.5`` rad: the ArcFace paper (Sec. 4.1) and insightface's MS1M configs
+  (``margin_list=(1.0, 0.5, 0.0)``; ``s`` is hard-coded to 64 in arcface_torch train_v2.py).
 - CosFace ``s = 64``, ``m = 0.4``: insightface's Glint360K / WebFace configs (``margin_list=(1.0, 0.0, 0.4)``);
   the CosFace paper itself uses m = 0.35 (insightface issue #1501). Pass ``m=0.35`` for the paper's value.
+- Combined ``(m1, m2, m3) = (1.0, 0.5, 0.0)``: insightface's default ``margin_list`` (configs/base.py).
 - Class centers are initialised N(0, 0.01) as in insightface's Partial FC (partial_fc_v2.py).
 
-ArcFace's gradient: by default the margin is differentiated exactly (the form insightface used for its
-published models). ``grad="straight_through"`` reproduces arcface_torch since Dec 2022, which applies the
-margin under ``no_grad`` so the backward pass ignores it (see :func:`methods.margins.straight_through`);
-that version also drops the theta + m > pi fallback, which ``fallback=False`` reproduces.
+ArcFace's gradient: by default the margin is differentiated exactly, with the theta + m > pi fallback
+``cos theta - m sin m`` (the form insightface used for its published models). ``grad="straight_through"``
+reproduces arcface_torch since Dec 2022, which applies the margin under ``no_grad`` so the backward pass
+ignores it (see :func:`methods.margins.straight_through`); that version also drops the fallback, which
+``fallback=False`` reproduces. The combined margin, like insightface's MXNet code, has no such guard.
 """
 
 from __future__ import annotations
@@ -30,43 +39,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import register_head
-from methods.margins import arc_margin, cos_margin, cosine_matrix, replace_target, straight_through, target_cosines
+from methods.margin_softmax import margin_softmax_cross_entropy
+from methods.margins import ArcFaceRule, CombinedRule, CosFaceRule, MarginRule, apply_rule, cosine_matrix
 from methods.registry import ConfigError
 
 #: Standard deviation of the class-center initialisation (insightface partial_fc_v2.py).
 CENTER_INIT_STD = 0.01
 
 
+def check_scale(owner: str, s: float) -> None:
+    if not s > 0:
+        raise ConfigError(f"{owner}: scale s must be > 0, got {s}")
+
+
+def check_sizes(owner: str, embedding_size: int, num_classes: int) -> None:
+    if embedding_size < 1 or num_classes < 2:
+        raise ConfigError(f"{owner}: need embedding_size >= 1 and num_classes >= 2, "
+                          f"got {embedding_size} and {num_classes}")
+
+
+def arcface_rule(owner: str, s: float, m: float, grad: str = "exact", easy_margin: bool = False,
+                 fallback: bool = True) -> ArcFaceRule:
+    check_scale(owner, s)
+    if not 0.0 <= m < math.pi:
+        raise ConfigError(f"{owner}: margin m must be in [0, pi) radians, got {m}")
+    if grad not in ("exact", "straight_through"):
+        raise ConfigError(f"{owner}: grad must be 'exact' or 'straight_through', got {grad!r}")
+    return ArcFaceRule(s=float(s), m=float(m), easy_margin=bool(easy_margin), guard=bool(fallback),
+                       straight_through=grad == "straight_through")
+
+
+def cosface_rule(owner: str, s: float, m: float) -> CosFaceRule:
+    check_scale(owner, s)
+    if not 0.0 <= m < 2.0:
+        raise ConfigError(f"{owner}: margin m must be in [0, 2), got {m}")
+    return CosFaceRule(s=float(s), m=float(m))
+
+
 class MarginHead(nn.Module):
     """A full-FC margin softmax head: ``head(embeddings, labels) -> mean cross-entropy``.
 
-    Subclasses implement :meth:`target_logit`, the margin applied to cos(theta_y) before scaling.
+    The margin is a :class:`methods.margins.MarginRule` built by the subclass's ``rule_for`` (which takes
+    the head's hyperparameters, so Partial FC can use any head's margin without its weight); the loss is
+    computed by
+    :func:`methods.margin_softmax.margin_softmax_cross_entropy`. ``logits`` gives the same logits through
+    plain autograd (for inspection, and as a second code path in the tests).
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float) -> None:
+    def __init__(self, embedding_size: int, num_classes: int, rule: MarginRule, rows_per_class: int = 1) -> None:
         super().__init__()
-        if embedding_size < 1 or num_classes < 2:
-            raise ConfigError(f"{type(self).__name__}: need embedding_size >= 1 and num_classes >= 2, "
-                              f"got {embedding_size} and {num_classes}")
-        if not s > 0:
-            raise ConfigError(f"{type(self).__name__}: scale s must be > 0, got {s}")
-        self.embedding_size, self.num_classes, self.s = embedding_size, num_classes, float(s)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size).normal_(0.0, CENTER_INIT_STD))
+        check_sizes(type(self).__name__, embedding_size, num_classes)
+        self.embedding_size, self.num_classes, self.rule = embedding_size, num_classes, rule
+        self.weight = nn.Parameter(torch.empty(num_classes * rows_per_class, embedding_size)
+                                   .normal_(0.0, CENTER_INIT_STD))
 
-    def target_logit(self, cos_theta: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def class_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine of each embedding to each class, ``[B, num_classes]``."""
+        return cosine_matrix(embeddings, self.weight)
 
     def logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scaled logits ``[B, num_classes]`` with the margin on each row's target column."""
-        cosines = cosine_matrix(embeddings, self.weight)
-        adjusted = replace_target(cosines, labels, self.target_logit(target_cosines(cosines, labels)))
-        return adjusted * self.s
+        """Scaled logits ``[B, num_classes]`` with the margin rule applied (plain autograd)."""
+        return apply_rule(self.class_cosines(embeddings), labels, self.rule)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(embeddings, labels), labels)
+        return margin_softmax_cross_entropy(embeddings, self.weight, labels, self.rule)
 
     def extra_repr(self) -> str:
-        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}"
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rule={self.rule}"
 
 
 class ArcFace(MarginHead):
@@ -74,36 +113,65 @@ class ArcFace(MarginHead):
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5,
                  grad: str = "exact", easy_margin: bool = False, fallback: bool = True) -> None:
-        super().__init__(embedding_size, num_classes, s)
-        if not 0.0 <= m < math.pi:
-            raise ConfigError(f"ArcFace: margin m must be in [0, pi) radians, got {m}")
-        if grad not in ("exact", "straight_through"):
-            raise ConfigError(f"ArcFace: grad must be 'exact' or 'straight_through', got {grad!r}")
-        self.m, self.grad, self.easy_margin, self.fallback = float(m), grad, easy_margin, fallback
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m, grad, easy_margin, fallback))
 
-    def target_logit(self, cos_theta: torch.Tensor) -> torch.Tensor:
-        adjusted = arc_margin(cos_theta, self.m, easy_margin=self.easy_margin, guard=self.fallback)
-        return straight_through(cos_theta, adjusted) if self.grad == "straight_through" else adjusted
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m={self.m}, grad={self.grad}"
+    @staticmethod
+    def rule_for(s: float, m: float, grad: str = "exact", easy_margin: bool = False,
+                 fallback: bool = True) -> ArcFaceRule:
+        return arcface_rule("ArcFace", s, m, grad, easy_margin, fallback)
 
 
 class CosFace(MarginHead):
     """CosFace head: target logit ``s * (cos(theta_y) - m)`` (CosFace paper Eq. 4)."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4) -> None:
-        super().__init__(embedding_size, num_classes, s)
-        if not 0.0 <= m < 2.0:
-            raise ConfigError(f"CosFace: margin m must be in [0, 2), got {m}")
-        self.m = float(m)
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m))
 
-    def target_logit(self, cos_theta: torch.Tensor) -> torch.Tensor:
-        return cos_margin(cos_theta, self.m)
+    @staticmethod
+    def rule_for(s: float, m: float) -> CosFaceRule:
+        return cosface_rule("CosFace", s, m)
+
+
+class CombinedMargin(MarginHead):
+    """Combined margin head: target logit ``s * (cos(m1 theta_y + m2) - m3)`` (ArcFace paper Eq. 4)."""
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0) -> None:
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m1, m2, m3))
+
+    @staticmethod
+    def rule_for(s: float, m1: float, m2: float, m3: float) -> CombinedRule:
+        check_scale("CombinedMargin", s)
+        if m1 <= 0 or m2 < 0 or m3 < 0:
+            raise ConfigError(f"CombinedMargin: need m1 > 0, m2 >= 0, m3 >= 0, got {m1}, {m2}, {m3}")
+        return CombinedRule(s=float(s), m1=float(m1), m2=float(m2), m3=float(m3))
+
+
+class SubCenterArcFace(MarginHead):
+    """Sub-center ArcFace: ``k`` centers per class, class cosine = max over them, then ArcFace's margin.
+
+    ``weight`` is ``[num_classes * k, embedding_size]``; rows ``c*k .. c*k+k-1`` belong to class ``c``.
+    The max routes each sample's gradient to its class's nearest sub-center (paper Sec. 3.1).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, k: int = 3, s: float = 64.0, m: float = 0.5) -> None:
+        if k < 1:
+            raise ConfigError(f"SubCenterArcFace: k must be >= 1, got {k}")
+        super().__init__(embedding_size, num_classes, arcface_rule("SubCenterArcFace", s, m), rows_per_class=k)
+        self.k = k
+
+    def class_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
+        per_center = cosine_matrix(embeddings, self.weight)
+        return per_center.view(embeddings.shape[0], self.num_classes, self.k).amax(dim=2)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(embeddings, labels), labels)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m={self.m}"
+        return f"{super().extra_repr()}, k={self.k}"
 
 
 register_head("arcface", ArcFace)
 register_head("cosface", CosFace)
+register_head("combined", CombinedMargin)
+register_head("subcenter", SubCenterArcFace)

@@ -39,13 +39,26 @@ class BatchSpec:
     the ``k`` images of one identity at adjacent positions (identity-major order), drawn without
     replacement where the identity has enough images. Every image counts as a seen sample, so budgets
     stay equal across methods (DESIGN.md, fairness rules).
+
+    ``views_with_replacement``: draw an identity's ``k`` images with replacement even when it has ``k``
+    or more (DCQ's authors draw the reference image that way, so it may repeat the query image).
+
+    ``identity_reuse_gap = G``: in the stream of identities the sampler serves (batch after batch,
+    ``batch_size // k`` per batch), two appearances of one identity are at least ``G`` positions apart,
+    also across epoch boundaries. SST's prototype queue of ``Q <= G`` rows, one per identity served,
+    then never holds an older prototype of an identity in the batch (a false negative). 0 or 1: no
+    constraint beyond one appearance per batch.
     """
 
     views_per_class: int = 1
+    views_with_replacement: bool = False
+    identity_reuse_gap: int = 0
 
     def __post_init__(self) -> None:
         if self.views_per_class < 1:
             raise ConfigError(f"views_per_class must be >= 1, got {self.views_per_class}")
+        if self.identity_reuse_gap < 0:
+            raise ConfigError(f"identity_reuse_gap must be >= 0, got {self.identity_reuse_gap}")
 
 
 @dataclass
@@ -141,6 +154,13 @@ class Method(nn.Module):
     def on_step_end(self) -> None:
         """Called after each optimizer step (momentum encoders, queues); nothing by default."""
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once with the optimizer built from :meth:`param_groups`, before the first step.
+
+        For methods that keep optimizer state for rows they update sparsely (Partial FC keeps each class
+        center's momentum and swaps the sampled rows in and out); nothing by default.
+        """
+
     def encoder(self, which: str | None = None) -> nn.Module:
         """The network used at inference; ``which`` picks one of :attr:`encoder_names`."""
         which = which or self.encoder_names[0]
@@ -183,6 +203,16 @@ class HeadMethod(Method):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         return LossOutput(self.head(self.backbone(images), labels))
+
+    def on_step_end(self) -> None:
+        step_end = getattr(self.head, "step_end", None)
+        if step_end is not None:
+            step_end()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        attach = getattr(self.head, "attach_optimizer", None)
+        if attach is not None:
+            attach(optimizer)
 
 
 _HEAD_SIZE_ARGS = ("embedding_size", "num_classes")

@@ -11,6 +11,8 @@ Notation: ``cos_theta`` is the cosine between a normalised embedding and a norma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,21 @@ def cos_margin(cos_theta: torch.Tensor, margin: float) -> torch.Tensor:
     """CosFace additive cosine margin, CosFace paper (Wang et al., CVPR 2018, arXiv:1801.09414) Eq. 4:
     cos(theta) - m."""
     return cos_theta - margin
+
+
+def combined_margin(cos_theta: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """insightface's combined margin ``cos(m1 * theta + m2) - m3`` (arcface_mxnet train.py, "combined
+    margin"): m1 is SphereFace's multiplicative angular margin, m2 ArcFace's additive angular margin and
+    m3 CosFace's additive cosine margin. As in that code there is no guard for m1*theta + m2 > pi.
+
+    theta is taken from a cosine clamped to +-(1 - 1e-7), so its gradient stays finite.
+    """
+    theta = torch.acos(cos_theta.clamp(-1.0 + _ACOS_EDGE, 1.0 - _ACOS_EDGE))
+    return torch.cos(m1 * theta + m2) - m3
+
+
+#: Distance from +-1 at which acos is evaluated, keeping d acos / d cos finite.
+_ACOS_EDGE = 1e-7
 
 
 def straight_through(cos_theta: torch.Tensor, adjusted: torch.Tensor) -> torch.Tensor:
@@ -90,3 +107,176 @@ def cosine_matrix(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tens
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         return F.linear(F.normalize(embeddings.to(dtype), dim=1),
                         F.normalize(centers.to(dtype), dim=1)).clamp(-1.0, 1.0)
+
+
+# --- margin rules: the whole logit transform of a margin softmax, shared by full FC and Partial FC ---
+
+
+@dataclass(frozen=True)
+class MarginRule:
+    """How a margin softmax turns the cosines of one row into logits (before the scale ``s``).
+
+    Two parts, both pure:
+
+    - the *target* logit, :meth:`target_logit` of cos(theta_y) (elementwise, differentiable);
+    - optional *hard negatives*: non-target cosines above :meth:`hard_threshold` of the row become
+      ``hard_slope * cos + hard_bias`` (MV-Softmax, NPCFace). NPCFace also feeds the mean cosine of a
+      row's hard negatives (no gradient) into its target margin (``needs_hard_mean``).
+
+    :func:`apply_rule` applies a rule with autograd; ``methods.margin_softmax`` applies the same rule in
+    a fused, memory-lean cross-entropy. Both read only these methods, so the math exists once.
+    """
+
+    s: float
+    #: Whether :meth:`target_logit` needs the mean cosine of the row's hard negatives (NPCFace).
+    needs_hard_mean: ClassVar[bool] = False
+
+    @property
+    def hard_slope(self) -> float:
+        return 1.0
+
+    @property
+    def hard_bias(self) -> float:
+        return 0.0
+
+    def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def hard_threshold(self, cos_y: torch.Tensor) -> torch.Tensor | None:
+        """Per-row cosine above which a negative is hard; None when the rule has no hard negatives."""
+        return None
+
+
+@dataclass(frozen=True)
+class ArcFaceRule(MarginRule):
+    """ArcFace: cos(theta_y + m) (see :func:`arc_margin`); ``straight_through`` as arcface_torch today."""
+
+    m: float = 0.5
+    easy_margin: bool = False
+    guard: bool = True
+    straight_through: bool = False
+
+    def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
+        adjusted = arc_margin(cos_y, self.m, easy_margin=self.easy_margin, guard=self.guard)
+        return straight_through(cos_y, adjusted) if self.straight_through else adjusted
+
+
+@dataclass(frozen=True)
+class CosFaceRule(MarginRule):
+    """CosFace: cos(theta_y) - m."""
+
+    m: float = 0.4
+
+    def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
+        return cos_margin(cos_y, self.m)
+
+
+@dataclass(frozen=True)
+class CombinedRule(MarginRule):
+    """insightface's combined margin cos(m1 theta_y + m2) - m3 (see :func:`combined_margin`)."""
+
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+
+    def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
+        return combined_margin(cos_y, self.m1, self.m2, self.m3)
+
+
+@dataclass(frozen=True)
+class MVSoftmaxRule(MarginRule):
+    """MV-Softmax (Wang et al., "Mis-classified Vector Guided Softmax Loss", AAAI 2020, arXiv:1912.00833),
+    as FaceX-Zoo head/MV_Softmax.py computes it (after the authors' SV-X-Softmax fc_layers.py):
+
+    - AM variant (``is_am``): a negative is hard when cos(theta_k) > cos(theta_y) - m; the target is
+      cos(theta_y) - m where cos(theta_y) > m, else cos(theta_y).
+    - Arc variant: hard when cos(theta_k) > cos(theta_y + m) (no theta + m > pi guard); the target is
+      cos(theta_y + m) where cos(theta_y) > 0, else cos(theta_y).
+    - Hard negatives become (t + 1) cos(theta_k) + t (the paper's Eq. with "mv_weight" = t + 1).
+    """
+
+    m: float = 0.35
+    t: float = 0.2
+    is_am: bool = True
+
+    @property
+    def hard_slope(self) -> float:
+        return self.t + 1.0
+
+    @property
+    def hard_bias(self) -> float:
+        return self.t
+
+    def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_am:
+            return torch.where(cos_y > self.m, cos_y - self.m, cos_y)
+        return torch.where(cos_y > 0, arc_margin(cos_y, self.m, guard=False), cos_y)
+
+    def hard_threshold(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return cos_y - self.m if self.is_am else arc_margin(cos_y, self.m, guard=False)
+
+
+@dataclass(frozen=True)
+class NPCFaceRule(MarginRule):
+    """NPCFace (Zeng, Shi et al., arXiv:2007.10172), as the authors' FaceX-Zoo head/NPCFace.py:
+
+    - a negative is hard when cos(theta_k) > cos(theta_y + m) (no guard);
+    - the positive margin is m' = m0 + m1 * (mean cosine of the row's hard negatives), m' = m0 when there
+      are none, computed without gradient;
+    - the target is cos(theta_y + m') where cos(theta_y) > 0, else cos(theta_y);
+    - hard negatives become t * cos(theta_k) + alpha.
+    """
+
+    m: float = 0.35
+    m0: float = 0.40
+    m1: float = 0.20
+    t: float = 1.10
+    alpha: float = 0.20
+    needs_hard_mean: ClassVar[bool] = True
+
+    @property
+    def hard_slope(self) -> float:
+        return self.t
+
+    @property
+    def hard_bias(self) -> float:
+        return self.alpha
+
+    def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
+        mean = torch.zeros_like(cos_y) if hard_mean is None else hard_mean
+        margin = (self.m0 + self.m1 * mean).detach()
+        shifted = cos_y * torch.cos(margin) - sin_from_cos(cos_y) * torch.sin(margin)
+        return torch.where(cos_y > 0, shifted, cos_y)
+
+    def hard_threshold(self, cos_y: torch.Tensor) -> torch.Tensor:
+        return arc_margin(cos_y, self.m, guard=False)
+
+
+def hard_negative_mask(cosines: torch.Tensor, labels: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, K]``: non-target entries above their row's threshold (rows without a target: none)."""
+    hard = cosines > threshold.unsqueeze(1)
+    has_target = labels >= 0
+    hard &= has_target.unsqueeze(1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    hard[rows[has_target], labels[has_target]] = False
+    return hard
+
+
+def hard_negative_mean(cosines: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Mean cosine over each row's hard negatives (0 where there are none), without gradient."""
+    with torch.no_grad():
+        total = torch.where(hard, cosines, torch.zeros((), dtype=cosines.dtype, device=cosines.device)).sum(1)
+        return total / hard.sum(1).clamp_min(1)
+
+
+def apply_rule(cosines: torch.Tensor, labels: torch.Tensor, rule: MarginRule) -> torch.Tensor:
+    """Scaled logits ``s * rule(cosines)`` with autograd (the plain path; see :class:`MarginRule`)."""
+    cos_y = target_cosines(cosines, labels)
+    hard_mean = None
+    threshold = rule.hard_threshold(cos_y)
+    if threshold is not None:
+        hard = hard_negative_mask(cosines, labels, threshold.detach())
+        if rule.needs_hard_mean:
+            hard_mean = hard_negative_mean(cosines, hard)
+        cosines = torch.where(hard, rule.hard_slope * cosines + rule.hard_bias, cosines)
+    return replace_target(cosines, labels, rule.target_logit(cos_y, hard_mean)) * rule.s

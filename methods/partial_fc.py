@@ -1,0 +1,209 @@
+"""Partial FC: a margin softmax over all positive class centers plus a uniform sample of negatives.
+
+X. An, J. Deng, J. Guo, Z. Feng, X. Zhu, J. Yang, T. Liu, "Killing Two Birds with One Stone: Efficient
+and Robust Training of Face Recognition CNNs by Partial FC", CVPR 2022, arXiv:2203.15565 (first version:
+"Partial FC: Training 10 Million Identities on a Single Machine", ICCVW 2021, arXiv:2010.05222).
+
+Every class center is kept, but each step computes logits only for the centers of the classes present in
+the batch (the positives) and for uniformly sampled other centers (the negatives): ``max(ceil(r * C),
+#positives)`` centers in all, ``r`` the sample rate. Labels are remapped to columns of the sampled set,
+and the margin softmax of any full-FC head (ArcFace, CosFace, combined, NPCFace, MV-Softmax) is computed
+over those columns by :func:`methods.margin_softmax.margin_softmax_cross_entropy`: a ``[B, K]`` problem,
+never ``[B, C]``. Sampling follows insightface partial_fc_v2.py: uniform scores for all centers,
+positives forced to 2 (above any uniform draw), the top ``K`` kept and sorted, labels remapped with
+``searchsorted``. With ``r = 1`` every center is used and the loss and gradients equal the full head's.
+
+Update of the centers (``update``):
+
+- ``"sparse"`` (default; the paper, Sec. 3.1, and insightface's v1 ``partial_fc.py``): only the sampled
+  centers are updated. They are copied into ``active_weight``, the parameter the optimizer sees, with
+  their rows of the optimizer's per-row state (SGD momentum; Adam's moments) swapped in; after the
+  optimizer step both are written back. Centers not sampled, and their optimizer state, stay bitwise
+  unchanged, and nothing of size ``C x D`` is allocated per step. Call ``attach_optimizer(optimizer)``
+  once and ``step_end()`` after every ``optimizer.step()`` (the harness does both). Without an attached
+  optimizer the sampled centers still receive gradients, but no per-row optimizer state is carried.
+  Adam's step count is one scalar shared by all rows.
+- ``"dense"``: ``weight`` is an ordinary parameter and the sampled centers are gathered from it with
+  autograd, as insightface's current PartialFC_V2: momentum and weight decay move every row every step.
+
+Optional inter-class filtering (``filter_threshold``, the paper's "abnormal inter-class filtering" for
+noisy data, 0.4 in its WebFace12M-Conflict runs; insightface losses.py): non-target cosines above the
+threshold are set to 0 and receive no gradient.
+
+Defaults: ``r = 0.1`` (the paper's main setting and insightface's Glint360K config); the margin's own
+defaults (ArcFace s = 64, m = 0.5 for MS1M presets; CosFace m = 0.4 for WebFace presets, as insightface's
+configs); centers initialised N(0, 0.01) (partial_fc_v2.py). The number of centers is ``ceil(r * C)``
+(insightface uses ``int(r * C)`` per rank).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods.arcface import CENTER_INIT_STD, ArcFace, CombinedMargin, CosFace, check_sizes
+from methods.base import check_params, parameter_defaults, register_head
+from methods.margin_softmax import margin_softmax_cross_entropy
+from methods.mv_softmax import MVSoftmax
+from methods.npcface import NPCFace
+from methods.registry import ConfigError, Registry
+
+#: Heads whose margin Partial FC can apply (their ``rule_for`` builds the margin rule).
+PFC_MARGINS: Registry[type[nn.Module]] = Registry("Partial FC margin")
+for _name, _head in (("arcface", ArcFace), ("cosface", CosFace), ("combined", CombinedMargin),
+                     ("npcface", NPCFace), ("mvsoftmax", MVSoftmax)):
+    PFC_MARGINS.register(_name, _head)
+
+#: Optimizer state entries that hold one value per parameter element, by optimizer class name.
+ROW_STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                  "AdamW": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+
+
+def margin_rule(margin: str, params: dict[str, Any] | None):
+    """The margin rule of head ``margin`` with ``params`` over that head's defaults (validated)."""
+    head_cls = PFC_MARGINS.get(margin)
+    defaults = parameter_defaults(head_cls, ("embedding_size", "num_classes"))
+    return head_cls.rule_for(**check_params(f"Partial FC margin '{margin}'", defaults, params))
+
+
+def sample_centers(labels: torch.Tensor, num_classes: int, num_sample: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted center indices (all positives + uniform negatives, ``max(num_sample, #positives)`` in all)
+    and the labels remapped to positions in it."""
+    positives = torch.unique(labels)
+    count = max(num_sample, positives.numel())
+    if count >= num_classes:
+        return torch.arange(num_classes, device=labels.device), labels
+    scores = torch.rand(num_classes, generator=generator, device=generator.device)
+    scores[positives.to(scores.device)] = 2.0  # above every U[0, 1) draw: positives are always kept
+    index = torch.topk(scores, count, sorted=False).indices.sort().values.to(labels.device)
+    return index, torch.searchsorted(index, labels)
+
+
+class PartialFC(nn.Module):
+    """Partial FC head: ``head(embeddings, labels) -> loss`` (see module docstring)."""
+
+    def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 0.1, margin: str = "arcface",
+                 margin_params: dict[str, Any] | None = None, update: str = "sparse",
+                 filter_threshold: float = 0.0) -> None:
+        super().__init__()
+        check_sizes("PartialFC", embedding_size, num_classes)
+        if not 0.0 < sample_rate <= 1.0:
+            raise ConfigError(f"PartialFC: sample_rate must be in (0, 1], got {sample_rate}")
+        if update not in ("sparse", "dense"):
+            raise ConfigError(f"PartialFC: update must be 'sparse' or 'dense', got {update!r}")
+        if not 0.0 <= filter_threshold < 1.0:
+            raise ConfigError(f"PartialFC: filter_threshold must be in [0, 1) (0 disables), got {filter_threshold}")
+        self.embedding_size, self.num_classes = embedding_size, num_classes
+        self.sample_rate, self.margin, self.update, self.filter_threshold = sample_rate, margin, update, filter_threshold
+        self.rule = margin_rule(margin, margin_params)
+        self.num_sample = math.ceil(sample_rate * num_classes)
+        weight = torch.empty(num_classes, embedding_size).normal_(0.0, CENTER_INIT_STD)
+        if update == "dense":
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+            self.active_weight = nn.Parameter(torch.empty(0, embedding_size))
+        # Sampling has its own generator (seeded from the global one) so that its state is resumable.
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._row_state: dict[str, torch.Tensor] = {}
+        self._index: torch.Tensor | None = None
+
+    # --- optimizer coupling (sparse update) ---
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the per-row optimizer state of the class centers (sparse update only)."""
+        if self.update != "sparse":
+            return
+        keys = ROW_STATE_KEYS.get(type(optimizer).__name__)
+        if keys is None:
+            raise ConfigError(f"PartialFC sparse update supports {', '.join(ROW_STATE_KEYS)}, "
+                              f"not {type(optimizer).__name__}; use update='dense'")
+        if not any(p is self.active_weight for group in optimizer.param_groups for p in group["params"]):
+            raise ConfigError("PartialFC: the optimizer does not hold active_weight; build it from the "
+                              "head's parameters")
+        self._optimizer = optimizer
+        for key in keys:
+            self._row_state.setdefault(key, torch.zeros_like(self.weight))
+
+    def _swap_in(self, index: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.active_weight.data = self.weight.index_select(0, index)
+        if self._optimizer is not None:
+            state = self._optimizer.state[self.active_weight]
+            for key, rows in self._row_state.items():
+                state[key] = rows.index_select(0, index)
+
+    def step_end(self) -> None:
+        """Write the updated sampled centers (and their optimizer state) back; call after each step."""
+        if self.update != "sparse" or self._index is None:
+            return
+        index, self._index = self._index, None
+        with torch.no_grad():
+            self.weight.index_copy_(0, index, self.active_weight.detach())
+            if self._optimizer is not None:
+                state = self._optimizer.state[self.active_weight]
+                for key, rows in self._row_state.items():
+                    if key in state:
+                        rows.index_copy_(0, index, state.pop(key))
+            self.active_weight.data = torch.empty(0, self.embedding_size, dtype=self.weight.dtype,
+                                                  device=self.weight.device)
+        self.active_weight.grad = None
+
+    # --- forward ---
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.generator.device != self.weight.device:
+            self._move_generator(self.weight.device)
+        index, local_labels = sample_centers(labels, self.num_classes, self.num_sample, self.generator)
+        if self.update == "dense":
+            centers = self.weight if index.numel() == self.num_classes else self.weight.index_select(0, index)
+        else:
+            self._swap_in(index)
+            self._index = index
+            centers = self.active_weight
+        return margin_softmax_cross_entropy(embeddings, centers, local_labels, self.rule, self.filter_threshold)
+
+    def _move_generator(self, device: torch.device) -> None:
+        moved = torch.Generator(device=device)
+        moved.manual_seed(int(torch.randint(0, 2**62, (), generator=self.generator).item()))
+        self.generator = moved
+
+    # --- state: the sampling generator and the per-row optimizer state resume exactly ---
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "generator_device": str(self.generator.device),
+                "row_state": {key: rows.clone() for key, rows in self._row_state.items()}}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if torch.device(state["generator_device"]) != self.generator.device:
+            self.generator = torch.Generator(device=state["generator_device"])
+        self.generator.set_state(state["generator"])
+        for key, rows in state["row_state"].items():
+            self._row_state[key] = rows.to(self.weight.device).clone()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "active_weight", None)  # transient: the rows sampled in this step
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        if self.update == "sparse":
+            state_dict = {**state_dict, prefix + "active_weight": self.active_weight.detach()}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        # .to(device) moves the per-row optimizer state along with the weight it belongs to.
+        module = super()._apply(fn, recurse)
+        self._row_state = {key: fn(rows) for key, rows in self._row_state.items()}
+        return module
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"sample_rate={self.sample_rate}, margin={self.margin}, update={self.update}, rule={self.rule}")
+
+
+register_head("pfc", PartialFC)
