@@ -52,6 +52,16 @@ class PeakMemory:
         return self.method + ("" if self.rss_reset else " (lifetime peak: reset unavailable)")
 
 
+def resident_bytes() -> int:
+    """The process's current resident set size (VmRSS), or 0 where /proc is unavailable."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class StepTimer:
     """Accumulates wall time per named phase of a training step.
 

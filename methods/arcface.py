@@ -21,7 +21,13 @@ returns the mean cross-entropy. Defaults and their sources:
 - CosFace ``s = 64``, ``m = 0.4``: insightface's Glint360K / WebFace configs (``margin_list=(1.0, 0.0, 0.4)``);
   the CosFace paper itself uses m = 0.35 (insightface issue #1501). Pass ``m=0.35`` for the paper's value.
 - Combined ``(m1, m2, m3) = (1.0, 0.5, 0.0)``: insightface's default ``margin_list`` (configs/base.py).
-- Class centers are initialised N(0, 0.01) as in insightface's Partial FC (partial_fc_v2.py).
+- Class centers are initialised N(0, 0.01) as in insightface's Partial FC (partial_fc_v2.py), in fixed
+  row blocks (:func:`methods.distributed.init_center_rows`) so that any number of ranks holds the same
+  centers.
+
+Model parallelism (``dist`` with several ranks): each rank keeps the centers of a contiguous shard of
+classes (insightface's rule), embeddings and labels are all-gathered, and the softmax runs across shards
+(:mod:`methods.margin_softmax`); the loss is the global mean on every rank.
 
 ArcFace's gradient: by default the margin is differentiated exactly, with the theta + m > pi fallback
 ``cos theta - m sin m`` (the form insightface used for its published models). ``grad="straight_through"``
@@ -39,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import register_head
+from methods.distributed import (DistContext, all_gather, all_gather_with_grad, class_shard, draw_seed,
+                                 init_center_rows)
 from methods.margin_softmax import margin_softmax_cross_entropy
 from methods.margins import ArcFaceRule, CombinedRule, CosFaceRule, MarginRule, apply_rule, cosine_matrix
 from methods.registry import ConfigError
@@ -86,12 +94,22 @@ class MarginHead(nn.Module):
     plain autograd (for inspection, and as a second code path in the tests).
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, rule: MarginRule, rows_per_class: int = 1) -> None:
+    def __init__(self, embedding_size: int, num_classes: int, rule: MarginRule, rows_per_class: int = 1,
+                 dist: DistContext | None = None) -> None:
         super().__init__()
         check_sizes(type(self).__name__, embedding_size, num_classes)
         self.embedding_size, self.num_classes, self.rule = embedding_size, num_classes, rule
-        self.weight = nn.Parameter(torch.empty(num_classes * rows_per_class, embedding_size)
-                                   .normal_(0.0, CENTER_INIT_STD))
+        self.dist = dist or DistContext()
+        # Model parallel: this rank keeps the centers of its contiguous shard of classes.
+        self.shard = class_shard(num_classes, self.dist.world_size, self.dist.rank)
+        rows = (self.shard.start * rows_per_class, self.shard.stop * rows_per_class)
+        self.weight = nn.Parameter(init_center_rows(num_classes * rows_per_class, *rows, embedding_size,
+                                                    CENTER_INIT_STD, draw_seed()))
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether ``weight`` holds only this rank's shard (its gradient must not be averaged)."""
+        return self.dist.is_distributed
 
     def class_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine of each embedding to each class, ``[B, num_classes]``."""
@@ -102,7 +120,9 @@ class MarginHead(nn.Module):
         return apply_rule(self.class_cosines(embeddings), labels, self.rule)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return margin_softmax_cross_entropy(embeddings, self.weight, labels, self.rule)
+        embeddings = all_gather_with_grad(embeddings, self.dist)
+        local_labels = self.shard.to_local(all_gather(labels, self.dist))
+        return margin_softmax_cross_entropy(embeddings, self.weight, local_labels, self.rule, dist=self.dist)
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, rule={self.rule}"
@@ -112,8 +132,9 @@ class ArcFace(MarginHead):
     """ArcFace head: target logit ``s * cos(theta_y + m)`` (ArcFace paper Eq. 3; see module docstring)."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 grad: str = "exact", easy_margin: bool = False, fallback: bool = True) -> None:
-        super().__init__(embedding_size, num_classes, self.rule_for(s, m, grad, easy_margin, fallback))
+                 grad: str = "exact", easy_margin: bool = False, fallback: bool = True,
+                 dist: DistContext | None = None) -> None:
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m, grad, easy_margin, fallback), dist=dist)
 
     @staticmethod
     def rule_for(s: float, m: float, grad: str = "exact", easy_margin: bool = False,
@@ -124,8 +145,9 @@ class ArcFace(MarginHead):
 class CosFace(MarginHead):
     """CosFace head: target logit ``s * (cos(theta_y) - m)`` (CosFace paper Eq. 4)."""
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4) -> None:
-        super().__init__(embedding_size, num_classes, self.rule_for(s, m))
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4,
+                 dist: DistContext | None = None) -> None:
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m), dist=dist)
 
     @staticmethod
     def rule_for(s: float, m: float) -> CosFaceRule:
@@ -136,8 +158,8 @@ class CombinedMargin(MarginHead):
     """Combined margin head: target logit ``s * (cos(m1 theta_y + m2) - m3)`` (ArcFace paper Eq. 4)."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
-                 m3: float = 0.0) -> None:
-        super().__init__(embedding_size, num_classes, self.rule_for(s, m1, m2, m3))
+                 m3: float = 0.0, dist: DistContext | None = None) -> None:
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m1, m2, m3), dist=dist)
 
     @staticmethod
     def rule_for(s: float, m1: float, m2: float, m3: float) -> CombinedRule:
@@ -154,9 +176,13 @@ class SubCenterArcFace(MarginHead):
     The max routes each sample's gradient to its class's nearest sub-center (paper Sec. 3.1).
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, k: int = 3, s: float = 64.0, m: float = 0.5) -> None:
+    def __init__(self, embedding_size: int, num_classes: int, k: int = 3, s: float = 64.0, m: float = 0.5,
+                 dist: DistContext | None = None) -> None:
         if k < 1:
             raise ConfigError(f"SubCenterArcFace: k must be >= 1, got {k}")
+        if dist is not None and dist.is_distributed:
+            raise ConfigError("SubCenterArcFace runs in one process: its model-parallel version (a max over "
+                              "sub-centers inside a sharded softmax) is not implemented")
         super().__init__(embedding_size, num_classes, arcface_rule("SubCenterArcFace", s, m), rows_per_class=k)
         self.k = k
 

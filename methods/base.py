@@ -169,14 +169,23 @@ class Method(nn.Module):
         return self.backbone
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Optimizer parameter groups: ``backbone`` (gradient-clipped by the harness) and ``head``."""
+        """Optimizer parameter groups: ``backbone`` (gradient-clipped by the harness) and ``head``.
+
+        A group with ``"sharded": True`` holds parameters that differ across ranks (model-parallel class
+        centers); the harness averages the gradients of every other group over ranks.
+        """
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         head = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
         groups = [{"name": "backbone", "params": backbone}]
         if head:
-            groups.append({"name": "head", "params": head})
+            groups.append({"name": "head", "params": head, "sharded": self.head_is_sharded})
         return groups
+
+    @property
+    def head_is_sharded(self) -> bool:
+        """Whether the non-backbone parameters are split across ranks (model parallel)."""
+        return False
 
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -195,7 +204,10 @@ class HeadMethod(Method):
     @classmethod
     def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
                     cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> HeadMethod:
-        return cls(backbone, cls.head_cls(embedding_size, num_classes, **cls.resolve_params(cfg)))
+        head_args = cls.resolve_params(cfg)
+        if "dist" in inspect.signature(cls.head_cls).parameters:
+            head_args["dist"] = dist
+        return cls(backbone, cls.head_cls(embedding_size, num_classes, **head_args))
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -203,6 +215,10 @@ class HeadMethod(Method):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         return LossOutput(self.head(self.backbone(images), labels))
+
+    @property
+    def head_is_sharded(self) -> bool:
+        return bool(getattr(self.head, "is_sharded", False))
 
     def on_step_end(self) -> None:
         step_end = getattr(self.head, "step_end", None)
@@ -215,7 +231,8 @@ class HeadMethod(Method):
             attach(optimizer)
 
 
-_HEAD_SIZE_ARGS = ("embedding_size", "num_classes")
+#: Constructor arguments of a head that are not hyperparameters.
+_HEAD_SIZE_ARGS = ("embedding_size", "num_classes", "dist")
 
 
 def register_head(name: str, head_cls: type[nn.Module], *, aliases: tuple[str, ...] = ()) -> type[HeadMethod]:

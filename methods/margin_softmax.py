@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from methods.margins import MarginRule, hard_negative_mask, hard_negative_mean
+from methods.distributed import DistContext, all_reduce
+from methods.margins import MarginRule, hard_negative_mask
 
 #: Rows per chunk when applying the centers' normalisation Jacobian, bounding the temporary memory.
 _JACOBIAN_CHUNK_ROWS = 16384
@@ -35,7 +36,7 @@ _JACOBIAN_CHUNK_ROWS = 16384
 class _MarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, rule: MarginRule,
-                filter_threshold: float) -> torch.Tensor:
+                filter_threshold: float, dist: DistContext) -> torch.Tensor:
         batch = embeddings.shape[0]
         rows = torch.arange(batch, device=labels.device)
         has_target = labels >= 0
@@ -54,14 +55,18 @@ class _MarginSoftmaxCE(torch.autograd.Function):
             filtered[target_rows, target_cols] = False
             buffer.masked_fill_(filtered, 0.0)
 
-        full_cos_y = torch.zeros(batch, dtype=buffer.dtype, device=buffer.device)
-        full_cos_y[has_target] = cos_y
         hard, hard_mean = None, None
-        threshold = rule.hard_threshold(full_cos_y)
-        if threshold is not None:
-            hard = hard_negative_mask(buffer, labels, threshold)
+        if rule.has_hard_negatives:
+            # Every row's target cosine, wherever its center lives (one owner per row: a sum).
+            full_cos_y = torch.zeros(batch, dtype=buffer.dtype, device=buffer.device)
+            full_cos_y[has_target] = cos_y
+            all_reduce(full_cos_y, dist)
+            hard = hard_negative_mask(buffer, labels, rule.hard_threshold(full_cos_y))
             if rule.needs_hard_mean:
-                hard_mean = hard_negative_mean(buffer, hard)[has_target]
+                hard_sum = torch.where(hard, buffer, torch.zeros((), dtype=buffer.dtype, device=buffer.device)).sum(1)
+                hard_count = hard.sum(1).to(buffer.dtype)
+                all_reduce(hard_sum, dist), all_reduce(hard_count, dist)
+                hard_mean = (hard_sum / hard_count.clamp_min(1))[has_target]
             buffer[hard] = buffer[hard] * rule.hard_slope + rule.hard_bias
 
         with torch.enable_grad():
@@ -72,13 +77,17 @@ class _MarginSoftmaxCE(torch.autograd.Function):
         buffer[target_rows, target_cols] = target.detach()
 
         buffer.mul_(rule.s)
-        row_max = buffer.max(dim=1).values
-        logit_y = buffer[target_rows, target_cols]
+        # Softmax across all ranks' columns: all-reduce of the row max and of the row sum (as
+        # insightface's DistCrossEntropyFunc); each row's target logit comes from its one owner.
+        row_max = all_reduce(buffer.max(dim=1).values, dist, op="max")
+        logit_y = torch.zeros(batch, dtype=buffer.dtype, device=buffer.device)
+        logit_y[has_target] = buffer[target_rows, target_cols]
+        all_reduce(logit_y, dist)
         buffer.sub_(row_max.unsqueeze(1)).exp_()
-        row_sum = buffer.sum(dim=1)
+        row_sum = all_reduce(buffer.sum(dim=1), dist)
         buffer.div_(row_sum.unsqueeze(1))  # now the softmax probabilities
-        # loss_i = log sum_k exp(z_ik) - z_iy, stably; rows without a target contribute nothing here.
-        loss = (row_sum[has_target].log() + row_max[has_target] - logit_y).sum() / batch
+        # loss_i = log sum_k exp(z_ik) - z_iy, computed stably; identical on every rank.
+        loss = (row_sum.log() + row_max - logit_y).sum() / batch
 
         ctx.save_for_backward(buffer, unit, embedding_norm, centers, inv_center_norm, target_rows, target_cols,
                               target_grad, hard if hard is not None else torch.empty(0),
@@ -116,16 +125,20 @@ class _MarginSoftmaxCE(torch.autograd.Function):
                 g, w = grad_centers[start:stop], centers[start:stop]
                 coefficient = (g * w).sum(dim=1) * inv_center_norm[start:stop] ** 2
                 g.addcmul_(w, coefficient.unsqueeze(1), value=-1.0)
-        return grad_embeddings, grad_centers, None, None, None
+        return grad_embeddings, grad_centers, None, None, None, None
 
 
 def margin_softmax_cross_entropy(embeddings: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor,
-                                 rule: MarginRule, filter_threshold: float = 0.0) -> torch.Tensor:
+                                 rule: MarginRule, filter_threshold: float = 0.0,
+                                 dist: DistContext | None = None) -> torch.Tensor:
     """Mean margin-softmax cross-entropy of raw ``embeddings [B, D]`` against raw ``centers [K, D]``.
 
-    ``labels[i]`` is the column of row ``i``'s class in ``centers``. Computed in float32 (or float64 when
-    the inputs are), outside autocast, as insightface runs its FC layer.
+    ``labels[i]`` is the column of row ``i``'s class in ``centers``. With several ranks (model parallel),
+    ``embeddings`` are the all-gathered rows, ``centers`` this rank's shard, and ``labels[i]`` is -1 where
+    row ``i``'s class lives on another rank; the loss is the global mean, the same on every rank.
+    Computed in float32 (or float64 when the inputs are), outside autocast, as insightface runs its FC.
     """
     dtype = torch.promote_types(torch.promote_types(embeddings.dtype, centers.dtype), torch.float32)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        return _MarginSoftmaxCE.apply(embeddings.to(dtype), centers.to(dtype), labels, rule, filter_threshold)
+        return _MarginSoftmaxCE.apply(embeddings.to(dtype), centers.to(dtype), labels, rule, filter_threshold,
+                                      dist or DistContext())

@@ -128,6 +128,8 @@ class MarginRule:
     """
 
     s: float
+    #: Whether the rule reweights hard negatives (then :meth:`hard_threshold` is defined).
+    has_hard_negatives: ClassVar[bool] = False
     #: Whether :meth:`target_logit` needs the mean cosine of the row's hard negatives (NPCFace).
     needs_hard_mean: ClassVar[bool] = False
 
@@ -198,6 +200,7 @@ class MVSoftmaxRule(MarginRule):
     m: float = 0.35
     t: float = 0.2
     is_am: bool = True
+    has_hard_negatives: ClassVar[bool] = True
 
     @property
     def hard_slope(self) -> float:
@@ -232,6 +235,7 @@ class NPCFaceRule(MarginRule):
     m1: float = 0.20
     t: float = 1.10
     alpha: float = 0.20
+    has_hard_negatives: ClassVar[bool] = True
     needs_hard_mean: ClassVar[bool] = True
 
     @property
@@ -253,10 +257,12 @@ class NPCFaceRule(MarginRule):
 
 
 def hard_negative_mask(cosines: torch.Tensor, labels: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[B, K]``: non-target entries above their row's threshold (rows without a target: none)."""
+    """Boolean ``[B, K]``: entries above their row's threshold, except the row's target column.
+
+    A label of -1 (the target's center lives on another rank) leaves every column a candidate.
+    """
     hard = cosines > threshold.unsqueeze(1)
     has_target = labels >= 0
-    hard &= has_target.unsqueeze(1)
     rows = torch.arange(labels.shape[0], device=labels.device)
     hard[rows[has_target], labels[has_target]] = False
     return hard
@@ -273,9 +279,8 @@ def apply_rule(cosines: torch.Tensor, labels: torch.Tensor, rule: MarginRule) ->
     """Scaled logits ``s * rule(cosines)`` with autograd (the plain path; see :class:`MarginRule`)."""
     cos_y = target_cosines(cosines, labels)
     hard_mean = None
-    threshold = rule.hard_threshold(cos_y)
-    if threshold is not None:
-        hard = hard_negative_mask(cosines, labels, threshold.detach())
+    if rule.has_hard_negatives:
+        hard = hard_negative_mask(cosines, labels, rule.hard_threshold(cos_y).detach())
         if rule.needs_hard_mean:
             hard_mean = hard_negative_mean(cosines, hard)
         cosines = torch.where(hard, rule.hard_slope * cosines + rule.hard_bias, cosines)

@@ -21,6 +21,7 @@ import math
 
 from methods.arcface import MarginHead, check_scale
 from methods.base import register_head
+from methods.distributed import DistContext
 from methods.margins import MVSoftmaxRule
 from methods.registry import ConfigError
 
@@ -29,8 +30,8 @@ class MVSoftmax(MarginHead):
     """MV-Softmax head (see module docstring)."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 32.0, m: float = 0.35, t: float = 0.2,
-                 is_am: bool = True) -> None:
-        super().__init__(embedding_size, num_classes, self.rule_for(s, m, t, is_am))
+                 is_am: bool = True, dist: DistContext | None = None) -> None:
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m, t, is_am), dist=dist)
 
     @staticmethod
     def rule_for(s: float, m: float, t: float, is_am: bool) -> MVSoftmaxRule:

@@ -23,6 +23,7 @@ import math
 
 from methods.arcface import MarginHead, check_scale
 from methods.base import register_head
+from methods.distributed import DistContext
 from methods.margins import NPCFaceRule
 from methods.registry import ConfigError
 
@@ -31,8 +32,8 @@ class NPCFace(MarginHead):
     """NPCFace head (see module docstring for the formula and the source of each default)."""
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 32.0, m: float = 0.35, m0: float = 0.40,
-                 m1: float = 0.20, t: float = 1.10, alpha: float = 0.20) -> None:
-        super().__init__(embedding_size, num_classes, self.rule_for(s, m, m0, m1, t, alpha))
+                 m1: float = 0.20, t: float = 1.10, alpha: float = 0.20, dist: DistContext | None = None) -> None:
+        super().__init__(embedding_size, num_classes, self.rule_for(s, m, m0, m1, t, alpha), dist=dist)
 
     @staticmethod
     def rule_for(s: float, m: float, m0: float, m1: float, t: float, alpha: float) -> NPCFaceRule:

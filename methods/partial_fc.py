@@ -34,6 +34,10 @@ Defaults: ``r = 0.1`` (the paper's main setting and insightface's Glint360K conf
 defaults (ArcFace s = 64, m = 0.5 for MS1M presets; CosFace m = 0.4 for WebFace presets, as insightface's
 configs); centers initialised N(0, 0.01) (partial_fc_v2.py). The number of centers is ``ceil(r * C)``
 (insightface uses ``int(r * C)`` per rank).
+
+Model parallelism (``dist`` with several ranks), as insightface: each rank keeps a contiguous shard of
+the centers, all-gathers the batch, keeps every positive of the gathered batch that falls in its shard
+and samples ``ceil(r * shard size)`` centers within its shard; the softmax runs across shards.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from torch import nn
 
 from methods.arcface import CENTER_INIT_STD, ArcFace, CombinedMargin, CosFace, check_sizes
 from methods.base import check_params, parameter_defaults, register_head
+from methods.distributed import (DistContext, all_gather, all_gather_with_grad, class_shard, draw_seed,
+                                 init_center_rows)
 from methods.margin_softmax import margin_softmax_cross_entropy
 from methods.mv_softmax import MVSoftmax
 from methods.npcface import NPCFace
@@ -65,22 +71,24 @@ ROW_STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq",
 def margin_rule(margin: str, params: dict[str, Any] | None):
     """The margin rule of head ``margin`` with ``params`` over that head's defaults (validated)."""
     head_cls = PFC_MARGINS.get(margin)
-    defaults = parameter_defaults(head_cls, ("embedding_size", "num_classes"))
+    defaults = parameter_defaults(head_cls, ("embedding_size", "num_classes", "dist"))
     return head_cls.rule_for(**check_params(f"Partial FC margin '{margin}'", defaults, params))
 
 
 def sample_centers(labels: torch.Tensor, num_classes: int, num_sample: int,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted center indices (all positives + uniform negatives, ``max(num_sample, #positives)`` in all)
-    and the labels remapped to positions in it."""
-    positives = torch.unique(labels)
+    and the labels remapped to positions in it. Labels of -1 (classes of another rank's shard) stay -1."""
+    owned = labels >= 0
+    positives = torch.unique(labels[owned])
     count = max(num_sample, positives.numel())
     if count >= num_classes:
         return torch.arange(num_classes, device=labels.device), labels
     scores = torch.rand(num_classes, generator=generator, device=generator.device)
     scores[positives.to(scores.device)] = 2.0  # above every U[0, 1) draw: positives are always kept
     index = torch.topk(scores, count, sorted=False).indices.sort().values.to(labels.device)
-    return index, torch.searchsorted(index, labels)
+    remapped = torch.searchsorted(index, labels.clamp_min(0))
+    return index, torch.where(owned, remapped, labels)
 
 
 class PartialFC(nn.Module):
@@ -88,7 +96,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, embedding_size: int, num_classes: int, sample_rate: float = 0.1, margin: str = "arcface",
                  margin_params: dict[str, Any] | None = None, update: str = "sparse",
-                 filter_threshold: float = 0.0) -> None:
+                 filter_threshold: float = 0.0, dist: DistContext | None = None) -> None:
         super().__init__()
         check_sizes("PartialFC", embedding_size, num_classes)
         if not 0.0 < sample_rate <= 1.0:
@@ -100,8 +108,12 @@ class PartialFC(nn.Module):
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.sample_rate, self.margin, self.update, self.filter_threshold = sample_rate, margin, update, filter_threshold
         self.rule = margin_rule(margin, margin_params)
-        self.num_sample = math.ceil(sample_rate * num_classes)
-        weight = torch.empty(num_classes, embedding_size).normal_(0.0, CENTER_INIT_STD)
+        self.dist = dist or DistContext()
+        # Model parallel: this rank keeps a contiguous shard of the centers and samples within it.
+        self.shard = class_shard(num_classes, self.dist.world_size, self.dist.rank)
+        self.num_sample = math.ceil(sample_rate * self.shard.size)
+        weight = init_center_rows(num_classes, self.shard.start, self.shard.stop, embedding_size, CENTER_INIT_STD,
+                                  draw_seed())
         if update == "dense":
             self.weight = nn.Parameter(weight)
         else:
@@ -156,17 +168,24 @@ class PartialFC(nn.Module):
 
     # --- forward ---
 
+    @property
+    def is_sharded(self) -> bool:
+        return self.dist.is_distributed
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.generator.device != self.weight.device:
             self._move_generator(self.weight.device)
-        index, local_labels = sample_centers(labels, self.num_classes, self.num_sample, self.generator)
+        embeddings = all_gather_with_grad(embeddings, self.dist)
+        shard_labels = self.shard.to_local(all_gather(labels, self.dist))
+        index, local_labels = sample_centers(shard_labels, self.shard.size, self.num_sample, self.generator)
         if self.update == "dense":
-            centers = self.weight if index.numel() == self.num_classes else self.weight.index_select(0, index)
+            centers = self.weight if index.numel() == self.shard.size else self.weight.index_select(0, index)
         else:
             self._swap_in(index)
             self._index = index
             centers = self.active_weight
-        return margin_softmax_cross_entropy(embeddings, centers, local_labels, self.rule, self.filter_threshold)
+        return margin_softmax_cross_entropy(embeddings, centers, local_labels, self.rule, self.filter_threshold,
+                                            dist=self.dist)
 
     def _move_generator(self, device: torch.device) -> None:
         moved = torch.Generator(device=device)
