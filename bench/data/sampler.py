@@ -7,6 +7,7 @@ The only state is the number of batches served (``state_dict``).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 
 import numpy as np
@@ -73,9 +74,25 @@ class ClassBalancedBatchSampler(_Sampler):
     Identities are visited in a fresh random order every epoch; an identity's ``k`` images are drawn
     without replacement when it has at least ``k``, otherwise with replacement (so an identity with one
     image appears as ``k`` copies of it). A batch that spans two epochs never repeats an identity.
+    ``views_with_replacement`` draws the ``k`` images with replacement whatever the identity's count
+    (DCQ's reference images).
+
+    ``identity_reuse_gap = G > 1`` (:class:`methods.base.BatchSpec`): two appearances of one identity in
+    the identity stream are at least ``max(G, batch_size // k)`` positions apart. Within an epoch every
+    identity appears once, so only epoch boundaries need care: an identity at position ``i`` of epoch
+    ``e`` may take position ``j`` of epoch ``e + 1`` only if ``n - i + j >= G``, i.e. not before
+    ``i - (n - G)``. Epoch ``e + 1`` is built greedily, position by position, taking among the identities
+    already allowed there the one ranked first by the epoch's fresh random permutation (with ``G <= 1``
+    this is that permutation). It always succeeds for ``G <= n``: at position ``j`` at least ``j + 1``
+    identities are allowed. The original SST code (dituu/Semi-Siamese-Training ``main.py::train_sample``)
+    instead draws the first ``Q`` identities of an epoch from outside the last ``Q`` of the previous one,
+    which needs ``n >= 2 Q``; the rule here needs only ``n >= G``. Each epoch's order then depends on the
+    previous one, so it is computed epoch by epoch from epoch 0 (cached), still a pure function of
+    (seed, batch number).
     """
 
-    def __init__(self, labels: np.ndarray, batch_size: int, views_per_class: int, seed: int) -> None:
+    def __init__(self, labels: np.ndarray, batch_size: int, views_per_class: int, seed: int,
+                 views_with_replacement: bool = False, identity_reuse_gap: int = 0) -> None:
         super().__init__(batch_size, seed)
         if batch_size % views_per_class:
             raise ConfigError(f"train.batch_size ({batch_size}) must be a multiple of the method's "
@@ -89,6 +106,30 @@ class ClassBalancedBatchSampler(_Sampler):
             raise ConfigError(f"a batch needs {self.classes_per_batch} identities ({batch_size} images / "
                               f"{views_per_class} views) but the split has only {self.identities.shape[0]}")
         self._members = np.split(order, starts[1:])
+        self.views_with_replacement = bool(views_with_replacement)
+        n = self.identities.shape[0]
+        if identity_reuse_gap > n:
+            raise ConfigError(f"the method needs {identity_reuse_gap} identities between two appearances of one "
+                              f"identity but the split has only {n}")
+        self.reuse_gap = max(identity_reuse_gap, self.classes_per_batch) if identity_reuse_gap > 1 else 0
+        self._gapped_orders: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int, n: int) -> np.ndarray:
+        if not self.reuse_gap:
+            return super()._permutation(epoch, n)
+        if epoch not in self._gapped_orders:
+            earlier = [e for e in self._gapped_orders if e < epoch]
+            if earlier:
+                done = max(earlier)
+                order = self._gapped_orders[done]
+            else:
+                done, order = 0, super()._permutation(0, n).copy()
+            for e in range(done + 1, epoch + 1):
+                order = _reorder_with_gap(order, super()._permutation(e, n), self.reuse_gap)
+            # A batch reads at most two consecutive epochs; keep a few for resumes near a boundary.
+            self._gapped_orders = {e: o for e, o in self._gapped_orders.items() if e >= epoch - 2}
+            self._gapped_orders[epoch] = order
+        return self._gapped_orders[epoch]
 
     def batch(self, number: int) -> np.ndarray:
         p, n = self.classes_per_batch, self.identities.shape[0]
@@ -104,6 +145,27 @@ class ClassBalancedBatchSampler(_Sampler):
         picks = []
         for group in chosen:
             members = self._members[group]
-            replace = members.shape[0] < self.views
+            replace = self.views_with_replacement or members.shape[0] < self.views
             picks.append(rng.choice(members, size=self.views, replace=replace))
         return np.concatenate(picks)
+
+
+def _reorder_with_gap(previous: np.ndarray, priority: np.ndarray, gap: int) -> np.ndarray:
+    """The next epoch's order of ``previous``'s identities with every identity at least ``gap`` positions
+    (counted across the boundary) after its place in ``previous``; ties broken by ``priority`` (a
+    permutation: earlier is preferred). See :class:`ClassBalancedBatchSampler`."""
+    n = previous.shape[0]
+    slack = n - gap
+    rank = np.empty(n, dtype=np.int64)
+    rank[priority] = np.arange(n)
+    previous_ranks = rank[previous].tolist()
+    out = np.empty(n, dtype=np.int64)
+    allowed: list[int] = []
+    released = 0
+    for position in range(n):
+        # The identity at previous position i is allowed from position i - slack on.
+        while released < n and released - slack <= position:
+            heapq.heappush(allowed, previous_ranks[released])
+            released += 1
+        out[position] = heapq.heappop(allowed)
+    return priority[out]

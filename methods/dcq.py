@@ -1,0 +1,178 @@
+"""Dynamic Class Queue (DCQ).
+
+B. Li, T. Xi, G. Zhang, H. Feng, J. Han, J. Liu, E. Ding, W. Liu, "Dynamic Class Queue for Large Scale
+Face Recognition In the Wild", CVPR 2021, arXiv:2105.11113. Authors' code: github.com/bilylee/DCQ
+(PaddlePaddle; ``dcq.py``, ``train.py``, ``data_proc/sampler.py``, ``train_scripts/*.sh``), itself based
+on MoCo. This module is our own PyTorch implementation of what that code computes.
+
+Two encoders: the *query encoder* (the trained backbone) and the *weight generator*, a momentum copy of it
+(:mod:`methods.momentum`). Each batch element is an identity with a query image and ``K`` reference
+images of the same identity. With ``q`` the normalised query embedding, ``w`` the class weight generated
+from the references (``K = 1``: ``w = normalize(g(x_ref))``; ``K > 1``: the normalised mean of the ``K``
+normalised reference embeddings) and ``Q`` the queue of earlier weights with their labels::
+
+    logit_pos = s * (q . w - m)                     (CosFace margin, methods.margins.cos_margin)
+    logit_j   = s * (q . Q_j)    for queue rows j whose label differs from the sample's
+    logit_j   = -inf             for queue rows of the sample's own identity (never a negative)
+    L = mean over the batch of  -log softmax(logits)[pos]
+
+The current batch's weights are not negatives for each other in the step that generates them (as in the
+authors' code); after the loss they are enqueued FIFO with their labels (all ranks' in distributed runs,
+through :func:`methods.queues.gather_for_enqueue`), overwriting the oldest rows. The queue starts full of
+random unit rows without identity (``randn`` then ``normalize``, as the authors).
+
+Defaults and their sources:
+
+- ``s = 50``, ``m = 0.3``: ``train_scripts/train_dcq_ir*_q8192_ms1mv2.sh`` (``--scale 50 --margin 0.3``).
+- ``momentum = 0.999``: ``train.py`` ``--dcq-momentum`` and the scripts.
+- ``queue_size = 0``: derived at the first step as ``queue_fraction * num_classes`` rounded *down* to a
+  multiple of the global number of weights per step (batch elements x ranks), and at least one step's
+  worth. ``queue_fraction = 0.1``: the paper's finding (abstract: "10% of classes are sufficient"); with
+  MS1MV2's 85,742 identities and the authors' 512 weights per step this gives their 8,192
+  (``--queue-size 8192``). On small data it degenerates to one step's weights (SynthFace 1,000 identities,
+  64 weights per step: 64 rows). A set ``queue_size`` must be a multiple of the weights per step, as the
+  authors assert in ``_dequeue_and_enqueue``.
+- ``shots = 1``: the authors' code generates each weight from one reference image; ``K``-shot averaging
+  is the paper's "few-shot" wording and is our option (``views_per_class = 1 + shots``).
+- ``key_with_replacement = True``: the authors' sampler draws the reference image *with replacement*
+  among the identity's images, so it may be the query image itself (then only the random flip differs);
+  identities with one image reuse it. Their default ``--sampling-base image`` iterates over images and
+  does not make identities unique in a batch; FaceBench's class-balanced sampler serves one identity per
+  batch element, i.e. their ``category`` mode.
+- ``momentum_buffers = "ema"``: PaddlePaddle counts BatchNorm's running mean and variance among
+  ``parameters()``, so the authors' momentum update averages them too (see :mod:`methods.momentum`);
+  ``"own"`` is the PyTorch/MoCo behaviour.
+
+Order of updates. The authors update the weight generator at the start of each forward, before the keys
+are computed; FaceBench does it in :meth:`DCQ.on_step_end`, after the optimizer step. The sequence of
+weight generators that produce keys is identical (the authors' first update is a no-op, both encoders
+being equal); only the final weight generator has had one more update. The enqueue also happens in
+``on_step_end``, with the keys computed in ``forward``, which is the authors' order.
+
+Evaluation: the authors evaluate the weight generator (``forward(is_train=False)`` uses ``encoder_k``),
+so ``encoder()`` defaults to ``"momentum"``; ``encoder("query")`` gives the trained backbone. MoCo's
+shuffle-BN across GPUs is a no-op in one process and comes with distributed support (issue 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import BatchSpec, LossOutput, Method, register_method
+from methods.distributed import DistContext
+from methods.margins import cos_margin
+from methods.momentum import BUFFER_RULES, MomentumEncoder
+from methods.queues import (FeatureQueue, gather_for_enqueue, mask_same_label, random_unit_rows,
+                            require_single_process, split_views)
+from methods.registry import ConfigError
+
+
+@register_method("dcq")
+class DCQ(Method):
+    """Dynamic Class Queue: momentum weight generator + label-masked class-weight queue (module docstring)."""
+
+    encoder_names = ("momentum", "query")
+
+    def __init__(self, backbone: nn.Module, num_classes: int, embedding_size: int, *, s: float, m: float,
+                 momentum: float, queue_size: int, queue_fraction: float, shots: int,
+                 key_with_replacement: bool, momentum_buffers: str, dist: DistContext | None = None) -> None:
+        super().__init__(backbone, BatchSpec(views_per_class=1 + shots, views_with_replacement=key_with_replacement))
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.s, self.m, self.shots = float(s), float(m), shots
+        self.queue_size, self.queue_fraction = queue_size, float(queue_fraction)
+        self.dist = dist or DistContext()
+        self.weight_generator = MomentumEncoder(backbone, momentum, buffers=momentum_buffers, train_mode="all")
+        self.queue = FeatureQueue(embedding_size)
+        # Seeds the queue's random initial rows; a buffer, so a resumed run has the same one.
+        self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {"s": 50.0, "m": 0.3, "momentum": 0.999, "queue_size": 0, "queue_fraction": 0.1, "shots": 1,
+                "key_with_replacement": True, "momentum_buffers": "ema"}
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
+                    cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> DCQ:
+        p = cls.resolve_params(cfg)
+        require_single_process("dcq", dist)
+        _check(p["s"] > 0, f"s must be > 0, got {p['s']}")
+        _check(0.0 <= p["m"] < 2.0, f"m must be in [0, 2), got {p['m']}")
+        _check(0.0 <= p["momentum"] <= 1.0, f"momentum must be in [0, 1], got {p['momentum']}")
+        _check(p["queue_size"] >= 0, f"queue_size must be >= 0 (0 = derived), got {p['queue_size']}")
+        _check(0.0 < p["queue_fraction"] <= 1.0, f"queue_fraction must be in (0, 1], got {p['queue_fraction']}")
+        _check(p["shots"] >= 1, f"shots must be >= 1, got {p['shots']}")
+        _check(p["momentum_buffers"] in BUFFER_RULES,
+               f"momentum_buffers must be one of {', '.join(BUFFER_RULES)}, got {p['momentum_buffers']!r}")
+        return cls(backbone, num_classes, embedding_size, dist=dist, **p)
+
+    def weights_per_step(self, batch_size: int) -> int:
+        """Class weights enqueued per step over all ranks (one per batch element)."""
+        return batch_size // (1 + self.shots) * self.dist.world_size
+
+    def derived_queue_size(self, batch_size: int) -> int:
+        """The queue size for a local batch of ``batch_size`` images (see the module docstring)."""
+        step = self.weights_per_step(batch_size)
+        if self.queue_size:
+            if self.queue_size % step:
+                raise ConfigError(f"method 'dcq': queue_size ({self.queue_size}) must be a multiple of the "
+                                  f"weights enqueued per step ({step})")
+            return self.queue_size
+        return max(step, int(self.queue_fraction * self.num_classes) // step * step)
+
+    def _allocate_queue(self, batch_size: int) -> None:
+        capacity = self.derived_queue_size(batch_size)
+        generator = torch.Generator().manual_seed(int(self.rng_seed))
+        self.queue.allocate(capacity, random_unit_rows(capacity, self.embedding_size, generator, "normal"))
+
+    def generate_weights(self, references: torch.Tensor) -> torch.Tensor:
+        """Class weights ``[G, D]`` (unit rows) from reference images ``[G, K, ...]``, without gradient."""
+        groups, shots = references.shape[:2]
+        with torch.no_grad():
+            keys = F.normalize(self.weight_generator(references.flatten(0, 1)).float(), dim=1)
+            if shots > 1:
+                keys = F.normalize(keys.view(groups, shots, -1).mean(dim=1), dim=1)
+        return keys
+
+    def logits(self, queries: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Scaled logits ``[G, 1 + queue rows]``: column 0 the margin positive, then the masked queue."""
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            q = F.normalize(queries.float(), dim=1)
+            positive = (q * weights).sum(dim=1).clamp(-1.0, 1.0)
+            rows, row_labels = self.queue.live()
+            negatives = mask_same_label((q @ rows.T).clamp(-1.0, 1.0), labels, row_labels)
+            return self.s * torch.cat([cos_margin(positive, self.m).unsqueeze(1), negatives], dim=1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        grouped, identity = split_views(images, labels, 1 + self.shots)
+        if not self.queue.allocated:
+            self._allocate_queue(images.shape[0])
+        weights = self.generate_weights(grouped[:, 1:])
+        queries = self.backbone(grouped[:, 0])
+        logits = self.logits(queries, weights, identity)
+        loss = F.cross_entropy(logits, torch.zeros_like(identity))
+        self._pending = gather_for_enqueue(self.dist, weights, identity)
+        return LossOutput(loss, {"positive_cos": logits[:, 0].detach().mean() / self.s + self.m})
+
+    def on_step_end(self) -> None:
+        self.weight_generator.update(self.backbone)
+        if self._pending is not None:
+            self.queue.enqueue(*self._pending)
+            self._pending = None
+
+    def encoder(self, which: str | None = None) -> nn.Module:
+        which = which or self.encoder_names[0]
+        if which == "momentum":
+            return self.weight_generator
+        return super().encoder(which)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"method 'dcq': {message}")

@@ -1,0 +1,101 @@
+"""Momentum (exponential moving average) copies of an encoder: DCQ's weight generator, SST's gallery
+network, MASST's gallery agents.
+
+Update rule (MoCo: He et al., "Momentum Contrast for Unsupervised Visual Representation Learning",
+CVPR 2020, arXiv:1911.05722, Eq. 2; bilylee/DCQ ``dcq.py::_momentum_update_key_encoder``; FaceX-Zoo
+``semi-siamese_training/train.py::moving_average`` and dituu/Semi-Siamese-Training ``main.py``)::
+
+    theta_copy <- m * theta_copy + (1 - m) * theta_source        for every parameter
+
+The copy starts equal to the source and never receives gradients (``requires_grad=False``), so it is
+in no optimizer group.
+
+Buffers (BatchNorm running statistics) are a choice the papers do not discuss, and the two codebases
+differ:
+
+- ``buffers="own"``: the copy's buffers change only through its own forward passes in train mode.
+  This is what the PyTorch codebases do (MoCo, FaceX-Zoo and dituu SST average ``.parameters()`` only).
+- ``buffers="ema"``: floating-point buffers are averaged with the same rule as the parameters, after
+  which the copy's own forward passes still update them. This reproduces bilylee/DCQ (PaddlePaddle),
+  whose ``parameters()`` include BatchNorm's ``_mean`` and ``_variance`` (created with
+  ``create_parameter(trainable=False)``), so its key encoder averages them too. Integer buffers
+  (``num_batches_tracked``) are left to the copy.
+
+Train-time mode of the copy: ``train_mode="all"`` puts the whole copy in train mode with the method
+(DCQ: its trainer calls ``model.train()`` on both encoders); ``train_mode="batchnorm"`` keeps the copy in
+eval mode except its BatchNorm layers (SST: ``gallery_net.eval().apply(train_BN)``), which only matters
+for dropout. In eval mode the copy is entirely in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+BUFFER_RULES = ("own", "ema")
+TRAIN_MODES = ("all", "batchnorm")
+
+
+@torch.no_grad()
+def momentum_update_(target: nn.Module, source: nn.Module, momentum: float, buffers: str = "own") -> None:
+    """In place: ``target <- momentum * target + (1 - momentum) * source`` over the parameters (and the
+    floating-point buffers when ``buffers="ema"``). ``target`` and ``source`` must have the same layout."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if buffers not in BUFFER_RULES:
+        raise ValueError(f"buffers must be one of {BUFFER_RULES}, got {buffers!r}")
+    targets, sources = list(target.parameters()), list(source.parameters())
+    if buffers == "ema":
+        targets += [b for b in target.buffers() if b.is_floating_point()]
+        sources += [b for b in source.buffers() if b.is_floating_point()]
+    if len(targets) != len(sources) or any(t.shape != s.shape for t, s in zip(targets, sources)):
+        raise ValueError("momentum_update_: target and source modules differ in layout")
+    if targets:
+        torch._foreach_mul_(targets, momentum)
+        torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+class MomentumEncoder(nn.Module):
+    """A frozen copy of ``source`` updated by :func:`momentum_update_`; ``forward`` runs the copy."""
+
+    def __init__(self, source: nn.Module, momentum: float, buffers: str = "own", train_mode: str = "all") -> None:
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if buffers not in BUFFER_RULES:
+            raise ValueError(f"buffers must be one of {BUFFER_RULES}, got {buffers!r}")
+        if train_mode not in TRAIN_MODES:
+            raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+        self.momentum, self.buffer_rule, self.train_mode = float(momentum), buffers, train_mode
+        self.encoder = copy.deepcopy(source)
+        for parameter in self.encoder.parameters():
+            parameter.requires_grad_(False)
+            parameter.grad = None
+        self.train(source.training)
+
+    def train(self, mode: bool = True) -> MomentumEncoder:
+        self.training = mode
+        if mode and self.train_mode == "batchnorm":
+            self.encoder.eval()
+            for module in self.encoder.modules():
+                if _is_batchnorm(module):
+                    module.train()
+        else:
+            self.encoder.train(mode)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+    def update(self, source: nn.Module) -> None:
+        """One momentum step towards ``source`` (call after the optimizer step)."""
+        momentum_update_(self.encoder, source, self.momentum, self.buffer_rule)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, buffers={self.buffer_rule}, train_mode={self.train_mode}"

@@ -1,0 +1,306 @@
+"""Shared memories of (feature, label) rows: a FIFO ring buffer and a per-class prototype memory.
+
+- :class:`FeatureQueue` is the ring buffer of MoCo-style methods: DCQ's class-weight queue
+  (bilylee/DCQ ``dcq.py``: ``weight_queue``, ``label_queue``, ``queue_ptr``) and SST/MASST's prototype
+  queue (FaceX-Zoo ``head/SST_Prototype.py``: ``queue``, ``label_list``, ``index``). Rows are written at
+  a pointer that advances modulo the capacity, so the oldest rows are overwritten first.
+- :class:`ClassMemory` is Prototype Memory's store: at most one prototype per class, refreshed in place
+  when its class is seen again, the least recently written evicted when a new class needs a slot.
+
+Everything either structure keeps between steps is a registered buffer (rows, labels, write pointer,
+``full`` flag, write stamps), so ``state_dict`` round-trips exactly; OpenSphere keeps its pointer that
+way, whereas FaceX-Zoo's SST keeps labels in a Python list and pytorch-metric-learning its pointer in a
+plain attribute, and neither resumes. Capacities are often only known at the first step (they depend on
+the batch size, which ``Method.from_config`` does not receive): a structure built with capacity 0 is
+allocated by :meth:`FeatureQueue.allocate`, and ``load_state_dict`` resizes it to the saved capacity, so
+a fresh instance can load a checkpoint before its first step.
+
+Distributed runs enqueue the rows of every rank. :func:`gather_for_enqueue` is the one seam for that:
+the queues' ``enqueue`` methods take already-gathered tensors, and the methods pass their batch through
+:func:`gather_for_enqueue` first. With one process it returns its inputs; the cross-rank all-gather is
+issue 8's to plug in, and until then a multi-process run fails loudly rather than enqueueing one rank's
+rows only.
+
+Two small helpers shared by the queue methods: :func:`split_views` (the identity-major batch of a
+``BatchSpec(views_per_class=k)`` as ``[identities, k, ...]``) and :func:`mask_same_label` (queue rows of a
+sample's own identity never act as its negatives).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.distributed import DistContext
+
+#: Label of a row that holds no identity (an initial random row, or an empty slot).
+NO_LABEL = -1
+
+
+def gather_for_enqueue(dist: DistContext, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's rows of each tensor, concatenated in rank order, without gradient.
+
+    One process: the tensors themselves (detached). Several: not implemented yet (issue 8 plugs the
+    all-gather in here; the queues already take the gathered tensors).
+    """
+    if dist.is_distributed:
+        raise NotImplementedError("queue methods do not yet all-gather across ranks (issue 8); "
+                                  "run them in a single process")
+    return tuple(t.detach() for t in tensors)
+
+
+def require_single_process(method: str, dist: DistContext | None) -> None:
+    """Fail at construction, not at the first enqueue, when a queue method is run on several ranks."""
+    if dist is not None and dist.is_distributed:
+        raise NotImplementedError(f"method '{method}' does not yet support several processes (issue 8: "
+                                  f"all-gather of queue rows); run it in a single process")
+
+
+def random_unit_rows(count: int, dim: int, generator: torch.Generator, kind: str = "normal") -> torch.Tensor:
+    """``count`` random unit vectors of size ``dim`` (CPU, float32) from ``generator``.
+
+    ``kind="normal"``: normalised Gaussian rows (bilylee/DCQ ``randn`` then ``normalize``);
+    ``kind="uniform"``: normalised U(-1, 1) rows (FaceX-Zoo SST_Prototype).
+    """
+    if kind == "normal":
+        rows = torch.randn(count, dim, generator=generator)
+    elif kind == "uniform":
+        rows = torch.rand(count, dim, generator=generator) * 2.0 - 1.0
+    else:
+        raise ValueError(f"kind must be 'normal' or 'uniform', got {kind!r}")
+    return F.normalize(rows, dim=1)
+
+
+def split_views(images: torch.Tensor, labels: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[G*k, ...]`` identity-major batch -> ``([G, k, ...] images, [G] labels)``; checks the layout."""
+    if images.shape[0] % views or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"batch of {images.shape[0]} images / {labels.shape[0]} labels is not "
+                         f"{views} views per identity")
+    grouped = labels.view(-1, views)
+    if not bool((grouped == grouped[:, :1]).all()):
+        raise ValueError(f"the {views} views of each identity must be adjacent (BatchSpec views_per_class={views})")
+    return images.reshape(-1, views, *images.shape[1:]), grouped[:, 0]
+
+
+def mask_same_label(cosines: torch.Tensor, labels: torch.Tensor, row_labels: torch.Tensor) -> torch.Tensor:
+    """``cosines [B, N]`` with entries whose ``row_labels[j] == labels[i]`` set to -inf (never negatives)."""
+    same = labels.unsqueeze(1) == row_labels.unsqueeze(0)
+    return cosines.masked_fill(same, float("-inf"))
+
+
+class _ResizableBuffers(nn.Module):
+    """Loading a state dict resizes the buffers to the saved shapes (capacities decided at run time)."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name, buffer in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if buffer is not None and saved is not None and saved.shape != buffer.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class FeatureQueue(_ResizableBuffers):
+    """A FIFO ring buffer of ``capacity`` rows ``(feature [dim], label)``.
+
+    Buffers: ``features [capacity, dim]`` (float32), ``labels [capacity]`` (int64, :data:`NO_LABEL` for
+    rows without identity), ``ptr`` (the next slot written, in ``[0, capacity)``) and ``full`` (every
+    slot holds a row). Live rows are all slots when ``full``, else slots ``[0, ptr)``. A queue allocated
+    with initial rows (random unit vectors, as MoCo, DCQ and SST start) is full from the start; its
+    initial rows carry :data:`NO_LABEL`.
+
+    Writes wrap around: ``enqueue`` of ``n <= capacity`` rows fills slots ``ptr, ptr+1, ... (mod
+    capacity)`` in order and advances ``ptr`` by ``n`` modulo the capacity. DCQ and SST additionally
+    require the capacity to be a multiple of the (global) batch, as their authors assert; the queue
+    itself does not.
+    """
+
+    def __init__(self, dim: int, capacity: int = 0) -> None:
+        super().__init__()
+        if dim < 1 or capacity < 0:
+            raise ValueError(f"FeatureQueue: need dim >= 1 and capacity >= 0, got {dim} and {capacity}")
+        self.dim = dim
+        self.register_buffer("features", torch.zeros(capacity, dim))
+        self.register_buffer("labels", torch.full((capacity,), NO_LABEL, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("full", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def capacity(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def allocated(self) -> bool:
+        return self.capacity > 0
+
+    def allocate(self, capacity: int, initial: torch.Tensor | None = None) -> None:
+        """Size the queue to ``capacity`` empty slots, or fill it with ``initial`` rows (then it is full)."""
+        if capacity < 1:
+            raise ValueError(f"FeatureQueue: capacity must be >= 1, got {capacity}")
+        device = self.features.device
+        if initial is not None:
+            if initial.shape != (capacity, self.dim):
+                raise ValueError(f"FeatureQueue: initial rows must be {(capacity, self.dim)}, "
+                                 f"got {tuple(initial.shape)}")
+            self.features = initial.detach().to(device=device, dtype=torch.float32).clone()
+        else:
+            self.features = torch.zeros(capacity, self.dim, device=device)
+        self.labels = torch.full((capacity,), NO_LABEL, dtype=torch.long, device=device)
+        self.ptr = torch.zeros((), dtype=torch.long, device=device)
+        self.full = torch.tensor(initial is not None, device=device)
+
+    def positions(self, count: int) -> torch.Tensor:
+        """The slots the next ``count`` rows will occupy: ``(ptr + arange(count)) % capacity``."""
+        return (self.ptr + torch.arange(count, device=self.ptr.device)) % self.capacity
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write already-gathered rows (all ranks' rows, see :func:`gather_for_enqueue`) at the pointer."""
+        count = features.shape[0]
+        if not self.allocated:
+            raise RuntimeError("FeatureQueue.enqueue before allocate()")
+        if count > self.capacity or labels.shape != (count,):
+            raise ValueError(f"FeatureQueue: cannot enqueue {count} rows with labels {tuple(labels.shape)} "
+                             f"into capacity {self.capacity}")
+        start = int(self.ptr)
+        # Contiguous slice copies (at most two when the write wraps): much faster than scattering rows.
+        first = min(count, self.capacity - start)
+        for (begin, stop), (lo, hi) in (((start, start + first), (0, first)), ((0, count - first), (first, count))):
+            if stop > begin:
+                self.features[begin:stop] = features[lo:hi].detach()
+                self.labels[begin:stop] = labels[lo:hi]
+        self.full |= start + count >= self.capacity
+        self.ptr.fill_((start + count) % self.capacity)
+
+    def live(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of the live rows, in slot order (not age order)."""
+        if bool(self.full):
+            return self.features, self.labels
+        count = int(self.ptr)
+        return self.features[:count], self.labels[:count]
+
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features, labels)`` of the live rows from oldest to newest."""
+        if bool(self.full):
+            order = torch.roll(torch.arange(self.capacity, device=self.ptr.device), -int(self.ptr))
+            return self.features[order], self.labels[order]
+        return self.live()
+
+    def with_rows_at_pointer(self, features: torch.Tensor) -> torch.Tensor:
+        """All ``capacity`` rows with ``features`` written (out of place) at :meth:`positions`.
+
+        SST's ``compute_theta``: the current batch's gallery features take the slots they will be
+        enqueued into, so the queue the probe sees holds each current identity once, as its positive.
+        Gradient does not flow into the queue; ``features`` keep theirs (SST passes detached ones).
+        """
+        return self.features.index_put((self.positions(features.shape[0]),), features.to(self.features.dtype))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, capacity={self.capacity}"
+
+
+class ClassMemory(_ResizableBuffers):
+    """At most one prototype per class in ``capacity`` slots, refreshed in place, oldest evicted first.
+
+    Buffers: ``prototypes [capacity, dim]``, ``labels [capacity]`` (:data:`NO_LABEL` = empty slot),
+    ``stamps [capacity]`` (the write count at which each slot was last written, -1 when empty) and
+    ``clock`` (writes so far). ``write(prototypes, labels)`` with distinct labels:
+
+    - a class already in memory has its slot overwritten (refresh: replaced, never duplicated), and the
+      slot's stamp renewed;
+    - each new class takes an empty slot if any, else the slot written longest ago (ageing: the oldest
+      prototype is dequeued), never a slot of a class in the same write; ties (slots of one write) go to
+      the lower slot index.
+    """
+
+    def __init__(self, dim: int, capacity: int = 0) -> None:
+        super().__init__()
+        if dim < 1 or capacity < 0:
+            raise ValueError(f"ClassMemory: need dim >= 1 and capacity >= 0, got {dim} and {capacity}")
+        self.dim = dim
+        self.register_buffer("prototypes", torch.zeros(capacity, dim))
+        self.register_buffer("labels", torch.full((capacity,), NO_LABEL, dtype=torch.long))
+        self.register_buffer("stamps", torch.full((capacity,), -1, dtype=torch.long))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long))
+
+    @property
+    def capacity(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def allocated(self) -> bool:
+        return self.capacity > 0
+
+    def allocate(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"ClassMemory: capacity must be >= 1, got {capacity}")
+        device = self.prototypes.device
+        self.prototypes = torch.zeros(capacity, self.dim, device=device)
+        self.labels = torch.full((capacity,), NO_LABEL, dtype=torch.long, device=device)
+        self.stamps = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.clock = torch.zeros((), dtype=torch.long, device=device)
+
+    def occupied(self) -> torch.Tensor:
+        """Boolean mask of the slots holding a prototype."""
+        return self.labels != NO_LABEL
+
+    def slots_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """The slot holding each label's prototype, -1 where the label is not in memory."""
+        # Binary search in the sorted labels: O((capacity + N) log capacity), no [N, capacity] matrix.
+        sorted_labels, order = torch.sort(self.labels)
+        at = torch.searchsorted(sorted_labels, labels).clamp_max(self.capacity - 1)
+        found = (sorted_labels[at] == labels) & (labels != NO_LABEL)
+        return torch.where(found, order[at], torch.full_like(labels, -1))
+
+    @torch.no_grad()
+    def write(self, prototypes: torch.Tensor, labels: torch.Tensor) -> None:
+        """Refresh or insert one already-gathered prototype per distinct label (see the class docstring)."""
+        count = labels.shape[0]
+        if not self.allocated:
+            raise RuntimeError("ClassMemory.write before allocate()")
+        if count > self.capacity:
+            raise ValueError(f"ClassMemory: {count} classes in one write exceed the capacity {self.capacity}")
+        if torch.unique(labels).shape[0] != count:
+            raise ValueError("ClassMemory.write needs distinct labels (one prototype per class)")
+        slots = self.slots_of(labels)
+        new = slots < 0
+        if bool(new.any()):
+            # Age key: empty slots first (stamp -1), then by stamp, then by slot index; slots refreshed
+            # in this write are never evicted.
+            index = torch.arange(self.capacity, device=self.stamps.device)
+            key = (self.stamps + 1) * self.capacity + index
+            protected = torch.zeros(self.capacity, dtype=torch.bool, device=key.device)
+            protected[slots[~new]] = True
+            key = key.masked_fill(protected, torch.iinfo(torch.long).max)
+            evicted = torch.topk(key, int(new.sum()), largest=False, sorted=True).indices
+            slots = slots.clone()
+            slots[new] = evicted
+        self.prototypes[slots] = prototypes.detach().to(self.prototypes.dtype)
+        self.labels[slots] = labels.to(self.labels.dtype)
+        self.stamps[slots] = self.clock
+        self.clock += 1
+
+    def nearest_classes(self, labels: torch.Tensor, count: int) -> torch.Tensor:
+        """For each label in memory, the labels of the ``count`` most similar other prototypes ``[N, count]``.
+
+        The building block of Prototype Memory's hard-class mining (batches of look-alike classes);
+        rows of labels not in memory, and missing neighbours, are :data:`NO_LABEL`.
+        """
+        slots = self.slots_of(labels)
+        occupied = self.occupied()
+        queries = self.prototypes[slots.clamp_min(0)]
+        sims = F.normalize(queries, dim=1) @ F.normalize(self.prototypes, dim=1).T
+        sims = sims.masked_fill(~occupied.unsqueeze(0), float("-inf"))
+        sims[torch.arange(labels.shape[0]), slots.clamp_min(0)] = float("-inf")
+        k = min(count, self.capacity)
+        values, index = torch.topk(sims, k, dim=1)
+        out = torch.where(torch.isfinite(values), self.labels[index], torch.full_like(index, NO_LABEL))
+        out[slots < 0] = NO_LABEL
+        if k < count:
+            out = torch.cat([out, out.new_full((labels.shape[0], count - k), NO_LABEL)], dim=1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, capacity={self.capacity}"
