@@ -1,8 +1,10 @@
-"""Training datasets by name, and the in-memory :class:`TrainSet` the training loop reads from.
+"""Training datasets by name, and the :class:`TrainData` interface the training loop reads from.
 
 ``synthface`` (the default) renders the images of the chosen split of the synthetic pool once and caches
 them under the data root, keyed by everything that determines the pixels (the world's settings and the
-renderer's source), so every method of a run, and every later run, reads the same bytes.
+renderer's source), so every method of a run, and every later run, reads the same bytes; it is served
+from memory by :class:`TrainSet`. The real sets (MS1M, Glint360K, CASIA, WebFace; one dataset card each
+in ``datasets/``) are registered by :mod:`bench.data.real` and decode their images on demand.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -28,9 +30,31 @@ from methods.registry import Registry
 TRAIN_NAMESPACE, EVAL_NAMESPACE = 0, 1
 
 
+class TrainData(Protocol):
+    """What the training loop needs from a training set (in memory or decoded on demand).
+
+    ``labels`` are the trained class ids ``0..num_classes-1`` of the split's images; ``load`` returns uint8
+    images ``[B, 3, S, S]`` (RGB, ``S = image_size``) and their labels. A set with ``decodes_on_demand``
+    is loaded in DataLoader workers (:class:`bench.data.loader.BatchLoader`) and its ``load`` also takes
+    ``flip=mask`` (mirror those images while decoding); ``info`` goes to ``data.json``.
+    """
+
+    decodes_on_demand: ClassVar[bool]
+    labels: torch.Tensor
+    num_classes: int
+    info: dict[str, Any]
+
+    def __len__(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def load(self, indices: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass
 class TrainSet:
-    """Decoded training images with their class labels.
+    """Decoded training images with their class labels, in memory (SynthFace).
 
     ``labels`` are the trained class ids ``0..num_classes-1`` (after any label noise); ``identities``
     are the pool identity of each image (the truth, for diagnostics).
@@ -41,6 +65,7 @@ class TrainSet:
     identities: np.ndarray
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    decodes_on_demand: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -55,11 +80,11 @@ class TrainSet:
         return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
-DatasetBuilder = Callable[[DataSettings, bool], TrainSet]
+DatasetBuilder = Callable[[DataSettings, bool], TrainData]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
-def build_trainset(settings: DataSettings, progress: bool = True) -> TrainSet:
+def build_trainset(settings: DataSettings, progress: bool = True) -> TrainData:
     return DATASETS.get(settings.dataset)(settings, progress)
 
 
@@ -132,3 +157,6 @@ def synthface_trainset(settings: DataSettings, progress: bool = True) -> TrainSe
     return TrainSet(images=rendered.images, labels=torch.from_numpy(labels.astype(np.int64)),
                     identities=identities, num_classes=int(clean_labels.max()) + 1, info=info)
 
+
+# The card-backed real datasets register themselves (after DATASETS exists: real.py imports it from here).
+from bench.data import real as _real  # noqa: E402,F401

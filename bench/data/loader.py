@@ -3,19 +3,30 @@
 The normalisation is insightface's ``(x / 255 - 0.5) / 0.5`` (arcface_torch dataset.py), i.e. pixels in
 [-1, 1]; the only augmentation is a horizontal flip with probability 0.5, as insightface trains. Images
 travel to the device as uint8 (4x fewer bytes than float) and are converted there.
+
+Two paths behind one iterator. In-memory sets (SynthFace) are gathered in the training process: a
+gather costs under a millisecond, far less than handing batches between processes. Sets that decode on
+demand (``trainset.decodes_on_demand``: RecordIO, image folders) are decoded by DataLoader workers, one
+whole batch per task, :data:`PREFETCH_BATCHES` batches ahead per worker; there the flip of batch ``b`` is
+drawn from a generator seeded by ``(seed, b)``, so batches are identical for any number of workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from bench.data.datasets import TrainSet
+from bench.data.datasets import TrainData
+from bench.errors import DataError
 
 #: Probability of a horizontal flip (insightface RandomHorizontalFlip default).
 FLIP_PROBABILITY = 0.5
+#: Batches each decoding worker prepares ahead (DataLoader ``prefetch_factor``; arcface_torch queues 6).
+PREFETCH_BATCHES = 4
+#: Stream id of the per-batch flip draws of decoded-on-demand sets (see bench.data.sampler's stream ids).
+_FLIP_STREAM = 2
 
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -29,24 +40,94 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
-class BatchLoader:
-    """Turns index batches from a sampler into ``(images, labels)`` on ``device``."""
+def flip_mask(seed: int, batch_number: int, batch_size: int) -> np.ndarray:
+    """Which images of batch ``batch_number`` to flip (probability :data:`FLIP_PROBABILITY`), drawn from a
+    generator seeded by ``(seed, batch_number)``: independent of which process decodes the batch."""
+    return np.random.default_rng([seed, _FLIP_STREAM, batch_number]).random(batch_size) < FLIP_PROBABILITY
 
-    def __init__(self, trainset: TrainSet, sampler: Iterator[np.ndarray], device: torch.device, seed: int,
-                 flip: bool = True) -> None:
-        self.trainset, self.sampler, self.device, self.flip = trainset, iter(sampler), device, flip
+
+class _DecodeBatches(torch.utils.data.Dataset):
+    """Map-style over ``(batch_number, indices)``: one item is one whole decoded (and flipped) batch.
+
+    Sets that decode on demand take ``load(indices, flip=mask)`` and mirror while decoding."""
+
+    def __init__(self, trainset: TrainData, seed: int, flip: bool) -> None:
+        self.trainset, self.seed, self.flip = trainset, seed, flip
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor] | _DataFailure:
+        number, indices = item
+        mask = flip_mask(self.seed, number, len(indices)) if self.flip else None
+        try:
+            return self.trainset.load(indices, flip=mask)  # type: ignore[call-arg]
+        except DataError as exc:
+            # Returned, not raised: DataLoader would re-raise it with the worker's traceback in the message,
+            # and a data error must stay one line.
+            return _DataFailure(str(exc))
+
+
+class _DataFailure:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _NumberedBatches:
+    """The sampler's index batches, numbered from the sampler's position (so a resumed sampler continues)."""
+
+    def __init__(self, sampler: Iterable[np.ndarray]) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        number = int(getattr(self.sampler, "batches_served", 0))
+        for indices in self.sampler:
+            yield number, indices
+            number += 1
+
+
+class BatchLoader:
+    """Turns index batches from a sampler into ``(images, labels)`` on ``device``.
+
+    ``workers`` (sets that decode on demand only; default ``trainset.workers``, else 2) is the number of
+    decoding processes; 0 decodes in this process, with the same batches.
+    """
+
+    def __init__(self, trainset: TrainData, sampler: Iterable[np.ndarray], device: torch.device, seed: int,
+                 flip: bool = True, workers: int | None = None) -> None:
+        self.trainset, self.device, self.flip = trainset, device, flip
         self.generator = torch.Generator().manual_seed(seed)
         self._pin = device.type == "cuda"
+        self._decoded: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if getattr(trainset, "decodes_on_demand", False):
+            workers = int(getattr(trainset, "workers", 2)) if workers is None else workers
+            loader = torch.utils.data.DataLoader(
+                _DecodeBatches(trainset, seed, flip), batch_size=None, sampler=_NumberedBatches(sampler),
+                num_workers=workers, prefetch_factor=PREFETCH_BATCHES if workers else None,
+                persistent_workers=False, pin_memory=self._pin)
+            self._decoded = iter(loader)
+            self.sampler: Iterator[np.ndarray] = iter(())
+        else:
+            self.sampler = iter(sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.trainset.load(next(self.sampler))
-        if self.flip:
-            images = random_flip(images, self.generator)
-        if self._pin:
-            images, labels = images.pin_memory(), labels.pin_memory()
+        if self._decoded is not None:
+            batch = next(self._decoded)  # flipped (and pinned on CUDA) already
+            if isinstance(batch, _DataFailure):
+                raise DataError(batch.message)
+            images, labels = batch
+        else:
+            images, labels = self.trainset.load(next(self.sampler))
+            if self.flip:
+                images = random_flip(images, self.generator)
+            if self._pin:
+                images, labels = images.pin_memory(), labels.pin_memory()
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         return normalise(images), labels
+
+    def close(self) -> None:
+        """Stop the decoding workers (they also stop when the loader is garbage-collected)."""
+        if self._decoded is not None and hasattr(self._decoded, "_shutdown_workers"):
+            self._decoded._shutdown_workers()
+        self._decoded = None

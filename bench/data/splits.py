@@ -105,7 +105,7 @@ def recipe_of(settings: SplitSettings) -> dict[str, Any]:
 
 def _restrict_identities(labels: np.ndarray, max_identities: int, rng: np.random.Generator) -> np.ndarray:
     """Pool indices of ``max_identities`` identities chosen at random (all when 0 or more than exist)."""
-    present = np.unique(labels)
+    present = np.flatnonzero(np.bincount(labels))  # np.unique(labels), O(n): numpy 2's hash unique takes ~2 s at 5.8M
     if max_identities == 0 or max_identities >= present.shape[0]:
         return np.arange(labels.shape[0])
     chosen = np.sort(rng.choice(present, size=max_identities, replace=False))
@@ -140,7 +140,8 @@ def gini(counts: np.ndarray) -> float:
 
 def split_stats(selected_labels: np.ndarray) -> dict[str, Any]:
     """Identities, images, the images-per-identity histogram and its Gini coefficient."""
-    _, per_identity = np.unique(selected_labels, return_counts=True)
+    counts = np.bincount(selected_labels)  # np.unique(..., return_counts=True) in O(n), for 5.8M-image splits
+    per_identity = counts[counts > 0]
     sizes, num_ids = np.unique(per_identity, return_counts=True)
     return {
         "identities": int(per_identity.shape[0]),

@@ -1,0 +1,124 @@
+"""Independent references for the data tests: a RecordIO writer/reader coded apart from bench.data.recordio.
+
+Written from the format description (``/work/shared/reference/eval_formats.md`` §1, checked byte for byte
+against mxnet 1.9.1 there) in a different style from the library: a loop over aligned 4-byte words as in
+dmlc-core's ``RecordIOWriter::WriteRecord``, literal magic bytes, ``int.to_bytes`` instead of ``struct``.
+The tests compare the library's bytes with these and read files these wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC_LE = b"\x0a\x23\xd7\xce"  # 0xced7230a little-endian
+
+
+def ref_frame(payload: bytes) -> bytes:
+    out, start, split = b"", 0, False
+    for i in range(0, len(payload) // 4 * 4, 4):
+        if payload[i:i + 4] == MAGIC_LE:
+            cflag = 2 if split else 1
+            out += MAGIC_LE + ((cflag << 29) | (i - start)).to_bytes(4, "little") + payload[start:i]
+            start, split = i + 4, True
+    rest = payload[start:]
+    cflag = 3 if split else 0
+    return out + MAGIC_LE + ((cflag << 29) | len(rest)).to_bytes(4, "little") + rest + b"\0" * (-len(rest) % 4)
+
+
+def ref_pack(label, image: bytes, id_: int, id2: int = 0) -> bytes:
+    if np.ndim(label) == 0:
+        return struct.pack("<IfQQ", 0, float(label), id_, id2) + image
+    values = np.asarray(label, dtype="<f4")
+    return struct.pack("<IfQQ", values.size, 0.0, id_, id2) + values.tobytes() + image
+
+
+def ref_write(directory: Path, records: list[tuple[int, bytes]], name: str = "train") -> list[int]:
+    """Write ``records`` ((key, payload), in order) as ``<name>.rec``/``.idx``; returns the offsets."""
+    directory.mkdir(parents=True, exist_ok=True)
+    blob, offsets, lines = b"", [], []
+    for key, payload in records:
+        offsets.append(len(blob))
+        lines.append(f"{key}\t{len(blob)}\n")
+        blob += ref_frame(payload)
+    (directory / f"{name}.rec").write_bytes(blob)
+    (directory / f"{name}.idx").write_text("".join(lines))
+    return offsets
+
+
+def ref_read(rec: Path, idx: Path) -> list[tuple[int, bytes]]:
+    """(key, payload) in .idx order, parsing the parts with plain slicing."""
+    data = rec.read_bytes()
+    out = []
+    for line in idx.read_text().splitlines():
+        key, offset = (int(x) for x in line.split("\t"))
+        payload, position = b"", offset
+        while True:
+            assert data[position:position + 4] == MAGIC_LE
+            lrec = int.from_bytes(data[position + 4:position + 8], "little")
+            length, cflag = lrec & (2**29 - 1), lrec >> 29
+            payload += data[position + 8:position + 8 + length]
+            position += 8 + length + (-length % 4)
+            if cflag in (0, 3):
+                break
+            payload += MAGIC_LE
+        out.append((key, payload))
+    return out
+
+
+def ref_unpack(payload: bytes) -> tuple[int, object, int, bytes]:
+    flag, label, id_, _ = struct.unpack("<IfQQ", payload[:24])
+    if flag:
+        return flag, np.frombuffer(payload[24:24 + 4 * flag], "<f4").tolist(), id_, payload[24 + 4 * flag:]
+    return flag, label, id_, payload[24:]
+
+
+def image_array(seed: int, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_insightface(directory: Path, groups: list[list[bytes]], array_labels: bool = True, size: int = 16,
+                      id2: int = 0) -> np.ndarray:
+    """face2rec2 (``[class, 1.0]`` labels) or RecBuilder (scalar) layout; returns the expected labels."""
+    records, key, ranges = [], 1, []
+    for cls, images in enumerate(groups):
+        start = key
+        for image in images:
+            records.append((key, ref_pack([cls, 1.0] if array_labels else cls, image, key)))
+            key += 1
+        ranges.append((start, key))
+    first_identity = key
+    for start, end in ranges:
+        records.append((key, ref_pack([start, end], b"", key)))
+        key += 1
+    records.append((0, ref_pack([first_identity, key], b"", 0, id2)))
+    ref_write(directory, records)
+    (directory / "property").write_text(f"{len(groups)},{size},{size}\n")
+    return np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+
+
+def write_im2rec(directory: Path, images: list[bytes], labels: list[int], order: list[int], size: int = 16,
+                 num_classes: int | None = None) -> None:
+    """Shuffled im2rec layout: key = id = position in ``images``, written in ``order``, scalar labels."""
+    records = [(i, ref_pack(float(labels[i]), images[i], i)) for i in order]
+    ref_write(directory, records)
+    (directory / "property").write_text(f"{num_classes or max(labels) + 1},{size},{size}\n")

@@ -1,0 +1,202 @@
+"""Dataset cards, locating the files, splits from labels alone, and the decoded-on-demand training set + loader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_formats import image_array, png, write_im2rec, write_insightface
+
+from bench.config import DataSettings, SplitSettings
+from bench.data.datasets import DATASETS, TrainSet, build_trainset
+from bench.data.encoded import EncodedDataset
+from bench.data.loader import BatchLoader, normalise
+from bench.data.real import CARD_DIR, EncodedTrainSet, card_for, load_card, locate
+from bench.data.sampler import ClassBalancedBatchSampler, RandomBatchSampler
+from bench.errors import DataError
+
+# The issue's table (insightface's dataset README and arcface_torch configs).
+EXPECTED_CARDS = {
+    "ms1mv2": (85_742, 5_822_653, "insightface"), "ms1mv3": (93_431, 5_179_510, "insightface"),
+    "glint360k": (360_232, 17_091_657, "insightface"), "casia": (10_572, 490_623, "insightface"),
+    "webface4m": (205_990, 4_235_242, "im2rec"), "webface12m": (617_970, 12_720_066, "im2rec"),
+    "webface42m": (2_059_906, 42_474_557, "im2rec"),
+}
+
+
+def test_shipped_cards_and_registry() -> None:
+    assert sorted(p.stem for p in CARD_DIR.glob("*.yaml")) == sorted(EXPECTED_CARDS)
+    for name, (identities, images, layout) in EXPECTED_CARDS.items():
+        card = load_card(CARD_DIR / f"{name}.yaml")
+        assert (card.name, card.identities, card.images, card.image_size) == (name, identities, images, (112, 112))
+        assert card.formats[0] == "recordio" and card.layouts["recordio"] == layout
+        assert card.env == f"FACEBENCH_{name.upper()}" and card.obtain and card.source
+        assert name in DATASETS
+    assert "custom" in DATASETS and "synthface" in DATASETS
+
+
+def _card(tmp_path, identities: int, images: int, fmt="recordio", layout="insightface", size=32, **extra) -> str:
+    text = (f"name: tiny\ntitle: a test set\nformat: {fmt}\nlayout: {{{fmt}: {layout}}}\n"
+            f"where: {{env: FACEBENCH_TINY_TEST, path: tiny}}\nidentities: {identities}\nimages: {images}\n"
+            f"image_size: [{size}, {size}]\nobtain: written by the test. Nothing else.\n")
+    text += "".join(f"{k}: {v}\n" for k, v in extra.items())
+    (tmp_path / "tiny.yaml").write_text(text)
+    return str(tmp_path / "tiny.yaml")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("size: 3\n", "unknown key 'size'"),
+    ("format: tfrecord\n", "'format' must be one or a list of recordio, folder"),
+    ("where: {env: X}\n", "'where' needs 'env'"),
+    ("where: {env: X, path: /abs}\n", "'where.path' must be relative"),
+])
+def test_bad_cards_are_one_line_errors(tmp_path, bad, message) -> None:
+    card = _card(tmp_path, 2, 4)
+    lines = [line for line in open(card).read().splitlines() if not line.startswith(bad.split(":")[0] + ":")]
+    open(card, "w").write("\n".join(lines) + "\n" + bad)
+    with pytest.raises(DataError) as exc:
+        load_card(card)
+    assert message in str(exc.value) and card in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_data_says_what_to_set(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("FACEBENCH_MS1MV2", raising=False)
+    settings = DataSettings(dataset="ms1mv2", root=str(tmp_path))
+    with pytest.raises(DataError) as exc:
+        build_trainset(settings, progress=False)
+    message = str(exc.value)
+    assert "\n" not in message and "set FACEBENCH_MS1MV2=DIR (or --set data.path=DIR)" in message
+    assert "train.rec, train.idx and property" in message and "ms1mv2.yaml" in message
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("FACEBENCH_MS1MV2", str(tmp_path / "elsewhere"))
+    with pytest.raises(DataError, match=r"no train.rec, train.idx and property in .*elsewhere \(from \$FACEBENCH_MS1MV2\)"):
+        build_trainset(settings, progress=False)
+
+
+def test_locate_order_path_then_env_then_root(tmp_path, monkeypatch) -> None:
+    for name in ("a", "b", "root/tiny"):
+        write_insightface(tmp_path / name, [[png(image_array(0))]])
+    card = load_card(_card(tmp_path, 1, 1))
+    monkeypatch.setenv("FACEBENCH_TINY_TEST", str(tmp_path / "b"))
+    assert locate(card, DataSettings(path=str(tmp_path / "a"), root=str(tmp_path / "root"))) == tmp_path / "a"
+    assert locate(card, DataSettings(root=str(tmp_path / "root"))) == tmp_path / "b"
+    monkeypatch.delenv("FACEBENCH_TINY_TEST")
+    assert locate(card, DataSettings(root=str(tmp_path / "root"))) == tmp_path / "root" / "tiny"
+
+
+def _tiny_insightface(directory, counts=(3, 1, 4, 2, 5, 2), size=32):
+    arrays = [[image_array(100 * c + i, size) for i in range(n)] for c, n in enumerate(counts)]
+    write_insightface(directory, [[png(a) for a in group] for group in arrays], size=size)
+    return [a for group in arrays for a in group]
+
+
+def test_splits_come_from_labels_alone(tmp_path, monkeypatch) -> None:
+    _tiny_insightface(tmp_path / "data")
+    card = _card(tmp_path, 6, 17)
+    monkeypatch.setattr(EncodedDataset, "decode", lambda *a: pytest.fail("decoded an image to build a split"))
+    settings = DataSettings(dataset="custom", card=card, path=str(tmp_path / "data"), root=str(tmp_path / "root"),
+                            split=SplitSettings(name="shallow", seed=3))
+    trainset = build_trainset(settings, progress=False)
+    assert isinstance(trainset, EncodedTrainSet)
+    assert trainset.info["split"]["images_per_identity"]["histogram"] == {"1": 1, "2": 5}
+    assert trainset.info["card"]["matches"] and trainset.info["source"]["layout"] == "insightface"
+    assert len(trainset) == 11 and trainset.num_classes == 6
+    # Cached under the data root, keyed by the labels' hash and the recipe.
+    assert len(list((tmp_path / "root" / "splits" / "tiny").rglob("shallow-*.npy"))) == 1
+    longtail = build_trainset(DataSettings(dataset="custom", card=card, path=str(tmp_path / "data"),
+                                           root=str(tmp_path / "root"),
+                                           split=SplitSettings(name="longtail", max_identities=4)), progress=False)
+    assert longtail.num_classes == 4 and longtail.info["split"]["recipe"]["exponent"] == 1.5
+
+
+def test_encoded_trainset_loads_exact_pixels_and_renumbered_labels(tmp_path) -> None:
+    arrays = _tiny_insightface(tmp_path / "data")
+    settings = DataSettings(dataset="custom", card=_card(tmp_path, 6, 17), path=str(tmp_path / "data"),
+                            root=str(tmp_path / "root"), split=SplitSettings(max_identities=3, seed=1))
+    trainset = build_trainset(settings, progress=False)
+    pool = trainset.pool_indices
+    pool_labels = np.repeat(np.arange(6), (3, 1, 4, 2, 5, 2))
+    kept = np.unique(pool_labels[pool])
+    assert len(kept) == 3 and trainset.num_classes == 3
+    indices = np.array([len(trainset) - 1, 0, 2])
+    images, labels = trainset.load(indices)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 32, 32)
+    for row, index in enumerate(indices):
+        expected = torch.from_numpy(arrays[pool[index]]).permute(2, 0, 1)
+        assert torch.equal(images[row], expected)
+        assert labels[row] == np.searchsorted(kept, pool_labels[pool[index]])
+
+
+def test_loader_workers_give_the_same_batches_normalised_and_flipped(tmp_path) -> None:
+    arrays = _tiny_insightface(tmp_path / "data")
+    settings = DataSettings(dataset="custom", card=_card(tmp_path, 6, 17), path=str(tmp_path / "data"),
+                            root=str(tmp_path / "root"))
+    trainset = build_trainset(settings, progress=False)
+    batches = {}
+    for workers in (0, 2):
+        loader = BatchLoader(trainset, RandomBatchSampler(len(trainset), 8, seed=5), torch.device("cpu"), seed=9,
+                             workers=workers)
+        batches[workers] = [next(loader) for _ in range(5)]
+        loader.close()
+    flipped = 0
+    sampler = RandomBatchSampler(len(trainset), 8, seed=5)
+    for number, ((images0, labels0), (images2, labels2)) in enumerate(zip(batches[0], batches[2])):
+        assert torch.equal(images0, images2) and torch.equal(labels0, labels2)
+        indices = sampler.batch(number)
+        assert torch.equal(labels0, trainset.labels[indices])
+        for row, index in enumerate(indices):
+            # Independent normalisation: (x / 255 - 0.5) / 0.5 in float64.
+            plain = torch.from_numpy((arrays[index].astype(np.float64) / 255 - 0.5) / 0.5).permute(2, 0, 1)
+            if torch.allclose(images0[row].double(), plain, atol=1e-6):
+                continue
+            assert torch.allclose(images0[row].double(), plain.flip(-1), atol=1e-6)
+            flipped += 1
+    assert 8 <= flipped <= 32  # about half of 40 images
+
+
+def test_loader_serves_class_balanced_batches(tmp_path) -> None:
+    _tiny_insightface(tmp_path / "data")
+    trainset = build_trainset(DataSettings(dataset="custom", card=_card(tmp_path, 6, 17), path=str(tmp_path / "data"),
+                                           root=str(tmp_path / "root"), workers=0), progress=False)
+    sampler = ClassBalancedBatchSampler(trainset.labels.numpy(), 6, 2, seed=0)
+    images, labels = next(BatchLoader(trainset, sampler, torch.device("cpu"), seed=0))
+    assert images.shape == (6, 3, 32, 32) and labels.view(3, 2)[:, 0].tolist() == labels.view(3, 2)[:, 1].tolist()
+
+
+def test_in_memory_path_is_unchanged() -> None:
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    trainset = TrainSet(images=images, labels=torch.arange(10), identities=np.arange(10), num_classes=10)
+    assert not trainset.decodes_on_demand
+    loader = BatchLoader(trainset, iter([np.array([3, 1])]), torch.device("cpu"), seed=0, flip=False)
+    got, labels = next(loader)
+    assert torch.equal(got, normalise(images[[3, 1]])) and labels.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_errors_surface_through_the_loader_as_one_line(tmp_path, workers) -> None:
+    images = [png(image_array(i, 32)) for i in range(4)]
+    images[2] = b"\xff\xd8 broken"
+    write_im2rec(tmp_path / "data", images, [0, 1, 0, 1], [0, 1, 2, 3], size=32)
+    trainset = build_trainset(DataSettings(dataset="custom", card=_card(tmp_path, 2, 4, layout="im2rec"),
+                                           path=str(tmp_path / "data"), root=str(tmp_path / "root"), workers=workers),
+                              progress=False)
+    loader = BatchLoader(trainset, iter([np.array([0, 2])]), torch.device("cpu"), seed=0)
+    with pytest.raises(DataError, match="key 2 at offset .*: undecodable image") as exc:
+        next(loader)
+    assert "\n" not in str(exc.value)
+
+
+def test_card_mismatch_is_recorded(tmp_path) -> None:
+    _tiny_insightface(tmp_path / "data")
+    trainset = build_trainset(DataSettings(dataset="custom", card=_card(tmp_path, 7, 17),
+                                           path=str(tmp_path / "data"), root=str(tmp_path / "root")), progress=False)
+    assert trainset.info["card"]["matches"] is False
+    json.dumps(trainset.info)  # goes into data.json
+
+
+def test_card_for_uses_the_override(tmp_path) -> None:
+    card = _card(tmp_path, 1, 1)
+    assert card_for(DataSettings(dataset="ms1mv2", card=card)).name == "tiny"
+    assert card_for(DataSettings(dataset="ms1mv2")).name == "ms1mv2"
