@@ -7,62 +7,28 @@ printed as one line without a traceback.
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from bench.errors import USER_ERRORS
+from bench.cli_common import err, one_line_errors, parse_sets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FaceBench: train and evaluate face-recognition methods on equal terms.")
-err = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _one_line_errors(func: F) -> F:
-    """Report user errors as ``error: <message>`` with exit code 2 (1 for a failed run)."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except USER_ERRORS as exc:
-            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except FloatingPointError as exc:
-            err.print(f"[red]error:[/] training failed: {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _parse_sets(pairs: list[str]) -> dict[str, str]:
-    from methods.registry import ConfigError
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=0.05), got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def run(
     methods: Optional[str] = typer.Option(None, "--methods", "-m",
                                           help="Comma-separated method names (see `bench list`). Default: arcface,cosface."),
     split: Optional[str] = typer.Option(None, help="Training split: full, shallow or longtail. Default: full."),
     dataset: Optional[str] = typer.Option(None, help="Training dataset. Default: synthface (built in, offline)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone name (see `bench list`). Default: small."),
+    ids: Optional[int] = typer.Option(None, "--ids", help="Train on this many identities of the split, chosen "
+                                                         "at random with the split seed (0: all). Default: all."),
     budget: Optional[int] = typer.Option(None, help="Samples seen per method, all views counted. Default: 120000."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step. Default: 128."),
     seed: Optional[int] = typer.Option(None, help="Training seed (initialisation, sampling, flips). Default: 0."),
@@ -83,11 +49,11 @@ def run(
     from bench.runner import run as run_benchmark
 
     flags = {"methods": methods, "data.split.name": split, "data.dataset": dataset, "train.backbone": backbone,
-             "train.budget": budget, "train.batch_size": batch_size, "train.seed": seed, "train.device": device,
-             "eval.protocols": eval, "out": str(out) if out is not None else None,
+             "data.split.max_identities": ids, "train.budget": budget, "train.batch_size": batch_size,
+             "train.seed": seed, "train.device": device, "eval.protocols": eval, "out": str(out) if out is not None else None,
              "data.root": str(data_root) if data_root is not None else None}
     overrides = {k: v for k, v in flags.items() if v is not None}
-    overrides.update(_parse_sets(set_))
+    overrides.update(parse_sets(set_))
     cfg = load_config(config, overrides)
     runs = run_benchmark(cfg, console=err, progress=progress)
     frame = results_frame(Path(cfg.out))
@@ -96,7 +62,7 @@ def run(
 
 
 @app.command("list")
-@_one_line_errors
+@one_line_errors
 def list_(
     what: Optional[str] = typer.Argument(None, help="methods, backbones, datasets, splits or protocols (default: all)."),
 ) -> None:
@@ -127,7 +93,7 @@ def list_(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def report(
     results: Path = typer.Option(Path("results"), "--results", help="Directory of run records."),
     out: Path = typer.Option(Path("reports"), "--out", help="Where results.md and results.tex are written."),
@@ -140,6 +106,17 @@ def report(
         raise BenchError(f"results directory {results} does not exist")
     for path in write_report(results, out):
         err.print(f"wrote {path}")
+
+
+def _register_subcommands() -> None:
+    from bench.cli_data import app as data_app
+    from bench.cli_eval import eval_command
+
+    app.add_typer(data_app, name="data")
+    app.command("eval")(eval_command)
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -62,6 +62,12 @@ class DataSettings:
     root: str = ""
     split: SplitSettings = field(default_factory=SplitSettings)
     synthface: SynthFaceSettings = field(default_factory=SynthFaceSettings)
+    #: Folder of a real dataset's files ("" = the card's environment variable, else <root>/<card's path>).
+    path: str = ""
+    #: A dataset card (YAML) to use instead of datasets/<dataset>.yaml; required by dataset "custom".
+    card: str = ""
+    #: DataLoader worker processes decoding real (on-disk) images; 0 decodes in the training process.
+    workers: int = 2
 
     def resolved_root(self) -> Path:
         return Path(self.root or os.environ.get(DATA_ROOT_ENV) or "datasets")
@@ -100,10 +106,24 @@ class TrainSettings:
 
 @dataclass
 class EvalSettings:
-    protocols: list[str] = field(default_factory=lambda: ["synth-lfw"])
+    """Evaluation protocols and their named variants (recorded in every metrics.json)."""
+
+    #: Protocols (``bench list protocols``). The synthetic defaults embed 12,000 + 3,111 + 1,400 images per
+    #: method (sizes in bench/eval/synth_benchmarks.py).
+    protocols: list[str] = field(default_factory=lambda: ["synth-lfw", "synth-ijbc", "synth-megaface"])
     batch_size: int = 512
     #: Which encoder of a method to evaluate ("" = the method's default, e.g. DCQ's momentum encoder).
     encoder: str = ""
+    #: Flip test: image feature f(x) + f(flip x) (insightface's verification, eval_ijbc, gen_megaface).
+    flip: bool = True
+    #: TAR@FAR read-off: "nearest" (the ROC point with the nearest FPR, insightface) or "at_most".
+    tar_read_off: str = "nearest"
+    #: IJB: L2-normalise each image feature before pooling (insightface eval_ijbc: no; FaceX-Zoo: yes).
+    ijb_normalize_images: bool = False
+    #: IJB: multiply each image feature by its detector score (insightface eval_ijbc: yes).
+    ijb_detector_score: bool = True
+    #: MegaFace variants: "raw" (all files) and/or "refined" (insightface's noise lists applied).
+    megaface_variants: list[str] = field(default_factory=lambda: ["raw", "refined"])
 
 
 @dataclass
@@ -124,6 +144,8 @@ class RunConfig:
         """A short hash of everything that determines the results (not where they are written)."""
         payload = {k: v for k, v in self.to_dict().items() if k != "out"}
         payload["train"] = {k: v for k, v in payload["train"].items() if k not in ("device", "log_every")}
+        # Where the files are and how many processes decode them do not change the results.
+        payload["data"] = {k: v for k, v in payload["data"].items() if k not in ("path", "workers")}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -256,8 +278,15 @@ def validate(cfg: RunConfig) -> None:
     _require(sp.longtail_min_images >= 1,
              f"data.split.longtail_min_images must be >= 1, got {sp.longtail_min_images}")
     _require(sp.max_identities >= 0, f"data.split.max_identities must be >= 0 (0: all), got {sp.max_identities}")
+    _require(cfg.data.workers >= 0, f"data.workers must be >= 0, got {cfg.data.workers}")
+    _require(cfg.data.dataset != "custom" or bool(cfg.data.card),
+             "data.card: dataset 'custom' needs a dataset card, e.g. --set data.card=my_dataset.yaml")
     _require(len(e.protocols) > 0, "eval.protocols: give at least one protocol")
     _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _require(e.tar_read_off in ("nearest", "at_most"),
+             f"eval.tar_read_off must be nearest or at_most, got {e.tar_read_off!r}")
+    _require(len(e.megaface_variants) > 0 and set(e.megaface_variants) <= {"raw", "refined"},
+             f"eval.megaface_variants must be raw and/or refined, got {e.megaface_variants}")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

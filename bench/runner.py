@@ -59,7 +59,9 @@ def resolved_method_params(name: str, overrides: dict[str, Any] | None) -> dict[
 def make_sampler(spec: BatchSpec, trainset: TrainSet, batch_size: int, seed: int):
     if spec.views_per_class == 1:
         return RandomBatchSampler(len(trainset), batch_size, seed)
-    return ClassBalancedBatchSampler(trainset.labels.numpy(), batch_size, spec.views_per_class, seed)
+    return ClassBalancedBatchSampler(trainset.labels.numpy(), batch_size, spec.views_per_class, seed,
+                                     views_with_replacement=spec.views_with_replacement,
+                                     identity_reuse_gap=spec.identity_reuse_gap)
 
 
 def _progress(console: Console) -> Progress:
@@ -141,7 +143,7 @@ def run(cfg: RunConfig, console: Console | None = None, progress: bool = True) -
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     trainset = build_trainset(cfg.data, progress)
-    protocols = [PROTOCOLS.get(name)(cfg.data, progress) for name in cfg.eval.protocols]
+    protocols = [PROTOCOLS.get(name)(cfg.data, progress, options=cfg.eval) for name in cfg.eval.protocols]
     group = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     split = trainset.info.get("split", {})
     console.print(f"[bold]bench run[/] {group}: {cfg.data.dataset}/{cfg.data.split.name} "

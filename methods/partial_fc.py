@@ -17,12 +17,12 @@ Update of the centers (``update``):
 
 - ``"sparse"`` (default; the paper, Sec. 3.1, and insightface's v1 ``partial_fc.py``): only the sampled
   centers are updated. They are copied into ``active_weight``, the parameter the optimizer sees, with
-  their rows of the optimizer's per-row state (SGD momentum; Adam's moments) swapped in; after the
-  optimizer step both are written back. Centers not sampled, and their optimizer state, stay bitwise
-  unchanged, and nothing of size ``C x D`` is allocated per step. Call ``attach_optimizer(optimizer)``
-  once and ``step_end()`` after every ``optimizer.step()`` (the harness does both). Without an attached
-  optimizer the sampled centers still receive gradients, but no per-row optimizer state is carried.
-  Adam's step count is one scalar shared by all rows.
+  their rows of the optimizer's per-row state (SGD momentum; Adam's moments) swapped in just before
+  the optimizer step and written back just after it (optimizer step hooks). Centers not sampled, and
+  their optimizer state, stay bitwise unchanged, and nothing of size ``C x D`` is allocated per step.
+  Call ``attach_optimizer(optimizer)`` once (the harness does). Without an attached optimizer the
+  sampled centers still receive gradients and ``step_end()`` writes them back, but no per-row optimizer
+  state is carried. Adam's step count is one scalar shared by all rows.
 - ``"dense"``: ``weight`` is an ordinary parameter and the sampled centers are gathered from it with
   autograd, as insightface's current PartialFC_V2: momentum and weight decay move every row every step.
 
@@ -128,40 +128,67 @@ class PartialFC(nn.Module):
     # --- optimizer coupling (sparse update) ---
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep the per-row optimizer state of the class centers (sparse update only)."""
+        """Keep the per-row optimizer state of the class centers (sparse update only).
+
+        Registers step hooks on ``optimizer``: just before its step, the sampled rows' state (momentum,
+        Adam's moments) is swapped in and L2 weight decay is folded into the gradient in place (so the
+        optimizer allocates no ``[K, D]`` temporary for it); just after, the rows and their state are
+        written back. ``active_weight`` must be alone in its parameter group.
+        """
         if self.update != "sparse":
             return
         keys = ROW_STATE_KEYS.get(type(optimizer).__name__)
         if keys is None:
             raise ConfigError(f"PartialFC sparse update supports {', '.join(ROW_STATE_KEYS)}, "
                               f"not {type(optimizer).__name__}; use update='dense'")
-        if not any(p is self.active_weight for group in optimizer.param_groups for p in group["params"]):
+        groups = [g for g in optimizer.param_groups if any(p is self.active_weight for p in g["params"])]
+        if not groups:
             raise ConfigError("PartialFC: the optimizer does not hold active_weight; build it from the "
                               "head's parameters")
-        self._optimizer = optimizer
+        if len(groups[0]["params"]) != 1:
+            raise ConfigError("PartialFC: give active_weight a parameter group of its own (its weight decay "
+                              "is applied to the sampled rows only)")
+        self._optimizer, self._group = optimizer, groups[0]
+        self._fold_weight_decay = type(optimizer).__name__ in ("SGD", "Adam")  # L2 decay added to the gradient
         for key in keys:
             self._row_state.setdefault(key, torch.zeros_like(self.weight))
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._index is None or self.active_weight.grad is None:
+            return
+        state = optimizer.state[self.active_weight]
+        for key, rows in self._row_state.items():
+            if key != "max_exp_avg_sq" or self._group.get("amsgrad"):
+                state[key] = rows.index_select(0, self._index)
+        self._saved_weight_decay = self._group["weight_decay"]
+        if self._fold_weight_decay and self._saved_weight_decay:
+            self.active_weight.grad.add_(self.active_weight.detach(), alpha=self._saved_weight_decay)
+            self._group["weight_decay"] = 0.0
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._index is None:
+            return
+        self._group["weight_decay"] = self._saved_weight_decay
+        state = optimizer.state[self.active_weight]
+        with torch.no_grad():
+            for key, rows in self._row_state.items():
+                if key in state:
+                    rows.index_copy_(0, self._index, state.pop(key))
+        self.step_end()
 
     def _swap_in(self, index: torch.Tensor) -> None:
         with torch.no_grad():
             self.active_weight.data = self.weight.index_select(0, index)
-        if self._optimizer is not None:
-            state = self._optimizer.state[self.active_weight]
-            for key, rows in self._row_state.items():
-                state[key] = rows.index_select(0, index)
 
     def step_end(self) -> None:
-        """Write the updated sampled centers (and their optimizer state) back; call after each step."""
+        """Write the updated sampled centers back (after ``optimizer.step()``; idempotent)."""
         if self.update != "sparse" or self._index is None:
             return
         index, self._index = self._index, None
         with torch.no_grad():
             self.weight.index_copy_(0, index, self.active_weight.detach())
-            if self._optimizer is not None:
-                state = self._optimizer.state[self.active_weight]
-                for key, rows in self._row_state.items():
-                    if key in state:
-                        rows.index_copy_(0, index, state.pop(key))
             self.active_weight.data = torch.empty(0, self.embedding_size, dtype=self.weight.dtype,
                                                   device=self.weight.device)
         self.active_weight.grad = None

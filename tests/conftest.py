@@ -22,11 +22,20 @@ def _two_threads():
 
 @pytest.fixture
 def tiny_eval(monkeypatch):
-    """synth-lfw with 10 folds of 4 + 4 pairs from 40 identities (the real protocol, fewer pairs)."""
+    """The synthetic protocols at toy sizes (the real protocols and formats, far fewer images):
+    synth-lfw with 10 folds of 4 + 4 pairs from 40 identities; synth-ijbc with 8 subjects x 3 templates;
+    synth-megaface with 4 people x 3 images and 10 / 40 distractors."""
+    from bench.eval import synth_benchmarks
     from bench.eval.verification import SynthLFW
 
     monkeypatch.setattr(SynthLFW, "num_identities", 40)
     monkeypatch.setattr(SynthLFW, "pairs_per_kind", 4)
+    monkeypatch.setattr(synth_benchmarks, "SYNTH_IJBC",
+                        synth_benchmarks.SynthIJBCSizes(subjects=8, templates_per_subject=2))
+    monkeypatch.setattr(synth_benchmarks, "SYNTH_MEGAFACE",
+                        synth_benchmarks.SynthMegaFaceSizes(identities=4, images_per_identity=3,
+                                                            distractor_sizes=(10, 40), probe_noise=0.2,
+                                                            distractor_noise=0.1))
 
 
 @pytest.fixture

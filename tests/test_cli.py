@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.records import iter_records
+from methods.base import METHODS
 
 runner = CliRunner()
 
@@ -62,11 +63,13 @@ def test_method_params_reach_the_record(tmp_path, tiny_args):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--methods", "arcface,sphereface"], "error: unknown method 'sphereface'; valid: arcface, cosface"),
+    (["--methods", "arcface,sphereface"], "error: unknown method 'sphereface'; valid: " + ", ".join(METHODS.names())),
     (["--backbone", "r9000"], "error: unknown backbone 'r9000'; valid:"),
     (["--split", "deep"], "error: unknown split 'deep'; valid: full, longtail, shallow"),
-    (["--eval", "lfw2"], "error: unknown protocol 'lfw2'; valid: synth-lfw"),
-    (["--dataset", "ms1m"], "error: unknown dataset 'ms1m'; valid: synthface"),
+    (["--eval", "lfw2"], "error: unknown protocol 'lfw2'; valid: agedb_30, calfw, cfp_ff, cfp_fp, cplfw, ijbb, "
+                         "ijbc, lfw, megaface, synth-ijbc, synth-lfw, synth-megaface, vgg2_fp"),
+    (["--dataset", "ms1m"], "error: unknown dataset 'ms1m'; valid: casia, custom, glint360k, ms1mv2, ms1mv3, "
+                            "synthface, webface12m, webface42m, webface4m"),
     (["--budget", "-5"], "error: train.budget (-5) must be >= train.batch_size (32)"),
     (["--set", "train.lr=fast"], "error: command line: 'train.lr' must be float, got 'fast'"),
     (["--set", "method_params.arcface.q=1"], "error: method 'arcface': unknown parameter 'q'; valid: s, m"),
@@ -124,7 +127,8 @@ def test_console_script_reports_errors_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", "nope", "--no-progress"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown method 'nope'; valid: arcface, cosface"
+    assert proc.stderr.strip() == "error: unknown method 'nope'; valid: " + ", ".join(METHODS.names())
+    assert "arcface, combined, cosface, dcq" in proc.stderr
     assert proc.stdout == ""
 
 

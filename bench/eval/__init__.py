@@ -1,18 +1,46 @@
 """Evaluation protocols by name (``--eval``), metrics and feature extraction.
 
-A protocol is built once per ``bench run`` (it prepares or loads its data) and then evaluates any
-encoder: ``PROTOCOLS.get(name)(data_settings, progress).evaluate(encoder, device, batch_size) -> dict``.
+A protocol is built once per ``bench run`` (it locates, generates or loads its data, and decodes and
+aligns its images once) and then evaluates any encoder, extracting each image's features once for all
+the metrics it reports (IJB: 1:1 and 1:N from one pass):
+
+    PROTOCOLS.get(name)(data_settings, progress, options=eval_settings).evaluate(encoder, device, batch_size)
+
+``score_features(features)`` scores features computed elsewhere (``bench eval --features``).
+
+Registered protocols:
+
+- ``synth-lfw``, ``synth-ijbc``, ``synth-megaface``: SynthFace benchmarks of held-out identities, written
+  to disk in the real formats by :mod:`bench.eval.synth_benchmarks` and read by the real readers;
+- ``lfw``, ``cfp_fp``, ``cfp_ff``, ``agedb_30``, ``calfw``, ``cplfw``, ``vgg2_fp``: insightface ``.bin``
+  packs (:mod:`bench.eval.verification`);
+- ``ijbb``, ``ijbc``: IJB-B / IJB-C 1:1 and 1:N (:mod:`bench.eval.ijb`);
+- ``megaface``: MegaFace Challenge 1 identification and verification (:mod:`bench.eval.megaface`).
+
+Real benchmark files cannot be downloaded by FaceBench (their licences require the user to obtain
+them). :func:`locate_benchmark` finds them: ``$FACEBENCH_<NAME>`` (``FACEBENCH_LFW``, ``FACEBENCH_IJBC``,
+``FACEBENCH_MEGAFACE``...), else ``<data root>/eval/<default>`` (``lfw.bin``, ``IJBC``, ``megaface``); an
+optional card ``eval/<name>.yaml`` (in the data root or ``datasets/``) with ``where: {env, path}``, as the
+training-set cards, changes either.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, ClassVar, Protocol as _Protocol
 
+import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from bench.config import DataSettings
+from bench.config import DataSettings, EvalSettings
+from bench.errors import DataError
 from methods.registry import Registry
+
+#: Input size of models trained on real face datasets (insightface's aligned 112 x 112 crops).
+REAL_DATA_INPUT_SIZE = 112
 
 
 class EvalProtocol(_Protocol):
@@ -20,11 +48,90 @@ class EvalProtocol(_Protocol):
     #: The metric shown in summary tables, and whether higher is better.
     headline: ClassVar[str]
 
-    def __init__(self, data: DataSettings, progress: bool = True) -> None: ...
+    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None) -> None: ...
 
     def evaluate(self, encoder: nn.Module, device: torch.device, batch_size: int) -> dict[str, Any]: ...
+
+    def score_features(self, features: Any, flip: bool | str = True) -> dict[str, Any]: ...
 
 
 PROTOCOLS: Registry[type[EvalProtocol]] = Registry("protocol")
 
-from bench.eval import verification  # noqa: E402,F401  (registers synth-lfw)
+
+def eval_input_size(data: DataSettings) -> int:
+    """The model's input size: SynthFace's image size, or 112 for real training data."""
+    return data.synthface.image_size if data.dataset == "synthface" else REAL_DATA_INPUT_SIZE
+
+
+#: Where a real benchmark is looked for when no card says otherwise: ``$FACEBENCH_<NAME>``, else
+#: ``<data root>/eval/<default>``. What the user must obtain is in each protocol module's docstring.
+BENCHMARK_DEFAULTS = {
+    **{name: f"{name}.bin" for name in ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")},
+    "ijbb": "IJBB", "ijbc": "IJBC", "megaface": "megaface",
+}
+OBTAIN = {
+    "bin": "the .bin packs ship inside insightface's training-set zips (e.g. faces_emore/lfw.bin)",
+    "ijb": "insightface's IJB package (IJB_release: IJBB/ and IJBC/ with loose_crop/ and meta/, and the "
+           "updated meta with the 1:N CSVs), linked from insightface recognition/_evaluation_/ijb/README.md",
+    "megaface": "the MegaFace devkit (templatelists/) and testpack (facescrub_images/, megaface_images/) "
+                "plus insightface's noise lists, see insightface recognition/_evaluation_/megaface",
+}
+
+
+def _card(name: str, data: DataSettings) -> tuple[Path, dict[str, Any]] | None:
+    """An optional card ``eval/<name>.yaml`` under the data root or the repository's ``datasets/``."""
+    for directory in (data.resolved_root() / "eval", Path(__file__).resolve().parents[2] / "datasets" / "eval"):
+        card = directory / f"{name}.yaml"
+        if card.is_file():
+            try:
+                content = yaml.safe_load(card.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise DataError(f"{card}: cannot read the benchmark card ({str(exc).splitlines()[0]})") from None
+            where = content.get("where") if isinstance(content, dict) else None
+            if not isinstance(where, dict) or not ({"env", "path"} & set(where)):
+                raise DataError(f"{card}: a benchmark card needs "
+                                f"'where: {{env: VARIABLE, path: <under the data root>}}'")
+            return card, where
+    return None
+
+
+def locate_benchmark(name: str, data: DataSettings, default: str, kind: str = "file") -> Path:
+    """Where real benchmark ``name`` is: a card's ``where`` (``env``, else ``path`` under the data root), else
+    ``$FACEBENCH_<NAME>``, else ``<data root>/eval/<default>``. A one-line DataError says what to set."""
+    exists = Path.is_file if kind == "file" else Path.is_dir
+    env, relative, origin = f"FACEBENCH_{name.upper()}", Path("eval") / default, "the data root"
+    card = _card(name, data)
+    if card is not None:
+        env = str(card[1].get("env") or env)
+        relative = Path(str(card[1].get("path") or relative))
+    if os.environ.get(env):
+        location, origin = Path(os.environ[env]), f"${env}"
+    else:
+        location = relative if relative.is_absolute() else data.resolved_root() / relative
+        origin = f"card {card[0]}" if card is not None else origin
+    if exists(location):
+        return location
+    kind_key = "ijb" if name.startswith("ijb") else "megaface" if name == "megaface" else "bin"
+    raise DataError(f"{name}: {location} (from {origin}) is not a {'file' if kind == 'file' else 'folder'}; "
+                    f"set {env}={'FILE' if kind == 'file' else 'DIR'} or put {default} under <data root>/eval/; "
+                    f"obtain it yourself: {OBTAIN[kind_key]}")
+
+
+def features_file(path: Path, rows: int, what: str) -> np.ndarray:
+    """float32 ``[rows, D]`` features of a ``.npy`` file, checked (``bench eval --features``)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: features file not found") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npy features file ({str(exc).splitlines()[0]})") from None
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise DataError(f"{path}: expected features [{rows}, D] ({what}), got shape {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
+        raise DataError(f"{path}: features must be finite floating-point numbers")
+    return array.astype(np.float32, copy=False)
+
+
+from bench.eval import verification  # noqa: E402,F401  (registers synth-lfw and the .bin packs)
+from bench.eval import ijb  # noqa: E402,F401  (registers synth-ijbc, ijbb, ijbc)
+from bench.eval import megaface  # noqa: E402,F401  (registers synth-megaface, megaface)

@@ -1,11 +1,14 @@
 """Results tables from run records: pandas for shaping, tabulate for Markdown and LaTeX (booktabs).
 
 One row per (dataset, split, backbone, budget, method): the newest complete run of that combination.
-Columns: each protocol's headline metrics, throughput and peak memory, all traceable to the records.
+Columns: each protocol's headline metrics (synth-lfw / LFW-family accuracy and TAR@FAR; for IJB and
+MegaFace the entries of their ``summary``: TAR@FAR 1e-4 and 1e-5, 1:N rank-1, MegaFace rank-1 at the largest
+distractor size), throughput and peak memory, all traceable to the records.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,11 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
     for protocol, values in metrics.items():
         if not isinstance(values, dict):
             continue
+        if isinstance(values.get("summary"), dict):
+            # protocols with many numbers (IJB, MegaFace) name their headline metrics in "summary"
+            for name, value in values["summary"].items():
+                row[f"{protocol} {name}"] = value
+            continue
         if "accuracy" in values:
             row[f"{protocol} acc"] = values["accuracy"]
             row[f"{protocol} acc std"] = values.get("accuracy_std")
@@ -58,10 +66,18 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return latest.sort_values(KEY_COLUMNS).reset_index(drop=True)
 
 
+def _header(column: str) -> str:
+    """Display name: ``synth-lfw acc`` -> ``synth-lfw acc (%)``, ``TAR@FAR=1e-4`` -> ``TAR (%) @FAR=1e-4``,
+    ``rank-1`` -> ``rank-1 (%)``."""
+    column = column.replace(" acc", " acc (%)").replace("TAR@", "TAR (%) @")
+    return re.sub(r" (rank-\d+)", r" \1 (%)", column)
+
+
 def _display(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells: accuracies as mean +- std in percent, TARs in percent."""
-    metric_columns = [c for c in frame.columns if " acc" in c and not c.endswith(" acc std") or "TAR@" in c]
-    headers = KEY_COLUMNS + [c.replace(" acc", " acc (%)").replace("TAR@", "TAR (%) @") for c in metric_columns]
+    metric_columns = [c for c in frame.columns
+                      if " acc" in c and not c.endswith(" acc std") or "TAR@" in c or " rank-" in c]
+    headers = KEY_COLUMNS + [_header(c) for c in metric_columns]
     headers += ["img/s", "peak MiB", "train s"]
     cells = []
     for _, row in frame.iterrows():
