@@ -72,7 +72,7 @@ def eval_command(
         if encoder is None:
             metrics[name] = protocol.score_features(features, flip=f"precomputed, {features}")
         else:
-            from bench.train import resolve_device
+            from bench.distributed import resolve_device
 
             target = resolve_device(cfg.train.device)
             metrics[name] = protocol.evaluate(encoder.to(target), target, cfg.eval.batch_size)

@@ -23,6 +23,7 @@ import platform
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,59 @@ class RunRecord:
     def append_jsonl(self, name: str, obj: Any) -> None:
         with open(self.directory / name, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(obj, default=_json_default) + "\n")
+
+    def truncate_jsonl(self, name: str, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Rewrite ``name`` (atomically) with only the lines ``keep`` accepts (a resumed run drops the
+        lines logged after its checkpoint, which it is about to log again)."""
+        path = self.directory / name
+        if not path.is_file():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+class RunLock:
+    """Exclusive use of a run directory by one process (a ``.lock`` file holding its pid).
+
+    Fresh run directories are created exclusively, so two ``bench run`` processes never share one; this
+    guards ``--resume``, where two processes could otherwise continue the same run at once. A lock left
+    by a process that no longer exists is taken over.
+    """
+
+    def __init__(self, directory: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(directory) / ".lock", enabled
+
+    def __enter__(self) -> RunLock:
+        if not self.enabled:
+            return self
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.path.read_text().strip() if self.path.is_file() else ""
+                if holder.isdigit() and _process_alive(int(holder)):
+                    raise ResultsDirError(f"{self.path.parent}: in use by process {holder} (remove {self.path} "
+                                          "if that process is gone)") from None
+                self.path.unlink(missing_ok=True)  # stale: its process has exited
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return self
+        raise ResultsDirError(f"{self.path.parent}: could not take the run lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_record(directory: Path) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""``bench run``: for each method, train -> evaluate -> write the run record.
+"""``bench run``: for each method, train -> evaluate -> write the run record; ``bench run --resume``.
 
 Every name and value is validated, and the results directory proven writable, before any work starts,
 so a typo costs nothing and never leaves a partial record. The data split and the evaluation protocols
@@ -8,26 +8,34 @@ size, budget (samples seen, all views counted), optimizer, schedule, seed and ev
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench.backbones import BACKBONES, build_backbone
-from bench.config import RunConfig
+from bench.checkpoint import Checkpointer, read_manifest, rng_state, set_rng_state
+from bench.config import RunConfig, config_from_dict
 from bench.data.datasets import DATASETS, TrainSet, build_trainset
 from bench.data.loader import BatchLoader
-from bench.data.sampler import ClassBalancedBatchSampler, RandomBatchSampler
+from bench.data.sampler import ClassBalancedBatchSampler, RandomBatchSampler, RankSlice
 from bench.data.splits import SPLITS
-from bench.eval import PROTOCOLS
-from bench.records import RunRecord, ensure_writable_dir, environment
-from bench.train import Trainer, resolve_device, seed_everything
+from bench.eval import PROTOCOLS, build_protocol
+from bench.distributed import barrier, broadcast_object, check_batch_divides, init_from_environment
+from bench.errors import BenchError
+from bench.records import RunLock, RunRecord, ensure_writable_dir, environment
+from bench.train import NonFiniteLossError, Trainer, seed_everything
 from methods.base import METHODS, BatchSpec, Method, build_method
+from methods.distributed import DistContext
+from methods.registry import ConfigError
 
 
 @dataclass
@@ -71,48 +79,105 @@ def _progress(console: Console) -> Progress:
                     transient=False)
 
 
+def _open_record(results_dir: Path, method_name: str, cfg: RunConfig, dist: DistContext,
+                 resume_dir: Path | None) -> RunRecord:
+    """Rank 0 creates the run directory (or reopens it to resume); every rank learns its path."""
+    if resume_dir is not None:
+        return RunRecord(resume_dir)
+    directory = None
+    if dist.is_main:
+        directory = RunRecord.create(results_dir, method_name, cfg.data.dataset, cfg.data.split.name,
+                                     f"s{cfg.train.seed}").directory
+    return RunRecord(Path(broadcast_object(str(directory) if directory else None, dist)))
+
+
 def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, protocols: list[Any],
                        device: torch.device, results_dir: Path, group: str, console: Console,
-                       progress: bool = True) -> MethodRun:
-    """Train one method under ``cfg`` and evaluate it; writes ``<results_dir>/<run-id>/``."""
+                       progress: bool = True, dist: DistContext | None = None,
+                       resume_dir: Path | None = None) -> MethodRun:
+    """Train one method under ``cfg`` and evaluate it; writes ``<results_dir>/<run-id>/`` (rank 0).
+
+    With ``resume_dir`` the run continues from that directory's newest checkpoint instead of step 0.
+    """
+    dist = dist or DistContext()
     t = cfg.train
     params = resolved_method_params(method_name, cfg.method_params.get(method_name))
     seed_everything(t.seed, t.deterministic)
     backbone = build_backbone(t.backbone, embedding_size=t.embedding_size, input_size=trainset.image_size)
     method: Method = build_method(method_name, backbone, trainset.num_classes, t.embedding_size,
-                                  cfg.method_params.get(method_name))
+                                  cfg.method_params.get(method_name), dist=dist)
     method.to(device)
     steps = t.budget // t.batch_size
+    check_batch_divides(t.batch_size, method.batch_spec.views_per_class, dist)
 
-    record = RunRecord.create(results_dir, method_name, cfg.data.dataset, cfg.data.split.name, f"s{t.seed}")
-    config = {**cfg.to_dict(), "run_id": record.run_id, "group": group,
-              "method": METHODS.canonical(method_name), "method_params": params,
-              "config_fingerprint": cfg.fingerprint(), "steps": steps, "num_classes": trainset.num_classes}
-    record.write_yaml("config.yaml", config)
-    record.write_json("env.json", environment(str(device)))
-    record.write_json("data.json", trainset.info)
+    record = _open_record(results_dir, method_name, cfg, dist, resume_dir)
+    if dist.is_main and resume_dir is None:
+        config = {**cfg.to_dict(), "run_id": record.run_id, "group": group,
+                  "method": METHODS.canonical(method_name), "method_params": params,
+                  "config_fingerprint": cfg.fingerprint(), "steps": steps, "num_classes": trainset.num_classes,
+                  "world_size": dist.world_size}
+        record.write_yaml("config.yaml", config)
+        record.write_json("env.json", environment(str(device)))
+        record.write_json("data.json", trainset.info)
 
     sampler = make_sampler(method.batch_spec, trainset, t.batch_size, t.seed)
-    batches = BatchLoader(trainset, sampler, device, seed=t.seed)
-    trainer = Trainer(method, t, device, total_steps=steps)
-    with (_progress(console) if progress else _NoProgress()) as bar:
-        task = bar.add_task(f"{method_name:>10}", total=steps, loss="-", speed="-")
+    trainer = Trainer(method, t, device, total_steps=steps, dist=dist)
+    checkpoints = Checkpointer(record.directory / "checkpoints", dist)
+    resumed_from = 0
+    if resume_dir is not None:
+        payload = checkpoints.load(method.sharded_state_keys(), trainset.num_classes)
+        method.load_state_dict(payload["method"])
+        trainer.load_state_dict(payload["trainer"])
+        set_rng_state(payload["rng"])
+        resumed_from = trainer.steps_done
+        if dist.is_main:
+            record.truncate_jsonl("train.jsonl", lambda entry: entry.get("step", 0) <= resumed_from)
+            console.print(f"  resuming {record.run_id} at step {resumed_from} of {steps} "
+                          f"(checkpoint written by {payload['world_size']} rank(s), now {dist.world_size})")
+    sampler.load_state_dict({**sampler.state_dict(), "batches_served": trainer.steps_done})
+    batches = BatchLoader(trainset, RankSlice(sampler, dist.rank, dist.world_size), device, seed=t.seed,
+                          rank=dist.rank, world_size=dist.world_size)
 
-        def on_log(entry: dict[str, Any]) -> None:
-            record.append_jsonl("train.jsonl", entry)
-            bar.update(task, loss=f"{entry['loss']:.3f}", speed=f"{entry['img_s']:.0f}")
+    def on_checkpoint(step: int) -> None:
+        payload = {"method": method.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state()}
+        if not checkpoints.save(step, payload) and dist.is_main:
+            console.print(f"[yellow]warning:[/] {escape(checkpoints.failures[-1])}", soft_wrap=True)
 
-        result = trainer.fit(batches, on_log=on_log, on_step=lambda step, _: bar.update(task, completed=step))
+    show = progress and dist.is_main
+    try:
+        with (_progress(console) if show else _NoProgress()) as bar:
+            task = bar.add_task(f"{method_name:>10}", total=steps, completed=trainer.steps_done, loss="-", speed="-")
 
-    eval_start = time.perf_counter()
-    encoder = method.encoder(cfg.eval.encoder or None)
-    metrics = {p.name: p.evaluate(encoder, device, cfg.eval.batch_size) for p in protocols}
-    perf = {**result.perf(), "eval_wall_time_s": time.perf_counter() - eval_start, "device": str(device),
-            "batch_size": t.batch_size, "views_per_class": method.batch_spec.views_per_class,
-            "parameters": {"backbone": _count(backbone.parameters()),
-                           "method_total": _count(method.parameters())}}
-    record.write_json("perf.json", perf)
-    record.write_json("metrics.json", metrics)  # last: its presence marks the record complete
+            def on_log(entry: dict[str, Any]) -> None:
+                if dist.is_main:
+                    record.append_jsonl("train.jsonl", entry)
+                bar.update(task, loss=f"{entry['loss']:.3f}", speed=f"{entry['img_s']:.0f}")
+
+            result = trainer.fit(batches, on_log=on_log, on_step=lambda step, _: bar.update(task, completed=step),
+                                 on_checkpoint=on_checkpoint)
+    except NonFiniteLossError as exc:
+        manifest = read_manifest(checkpoints.directory)
+        kept = (f"the last good checkpoint (step {manifest['step']}) is in {checkpoints.directory}"
+                if manifest else "no checkpoint was written before it")
+        raise NonFiniteLossError(f"{exc} ({method_name}, {record.run_id}); {kept}") from None
+    finally:
+        batches.close()
+
+    metrics: dict[str, Any] = {}
+    perf: dict[str, Any] = {}
+    if dist.is_main:
+        eval_start = time.perf_counter()
+        encoder = method.encoder(cfg.eval.encoder or None)
+        metrics = {p.name: p.evaluate(encoder, device, cfg.eval.batch_size) for p in protocols}
+        perf = {**result.perf(), "eval_wall_time_s": time.perf_counter() - eval_start, "device": str(device),
+                "world_size": dist.world_size, "batch_size": t.batch_size,
+                "views_per_class": method.batch_spec.views_per_class, "resumed_from_step": resumed_from,
+                "checkpoint_failures": checkpoints.failures,
+                "parameters": {"backbone": _count(backbone.parameters()),
+                               "method_total": _count(method.parameters())}}
+        record.write_json("perf.json", perf)
+        record.write_json("metrics.json", metrics)  # last: its presence marks the record complete
+    barrier(dist)
     return MethodRun(method_name, record.directory, metrics, perf)
 
 
@@ -134,25 +199,79 @@ class _NoProgress:
         return None
 
 
-def run(cfg: RunConfig, console: Console | None = None, progress: bool = True) -> list[MethodRun]:
-    """Run every method of ``cfg``; returns one :class:`MethodRun` per method, in order."""
+def _prepare(cfg: RunConfig, dist: DistContext, progress: bool) -> tuple[TrainSet, list[Any]]:
+    """The training set (every rank) and the protocols (rank 0, which alone evaluates).
+
+    Rank 0 renders or indexes first and the others then read its caches, rather than all at once.
+    """
+    trainset = None
+    if dist.is_main:
+        trainset = build_trainset(cfg.data, progress)
+    barrier(dist)
+    if trainset is None:
+        trainset = build_trainset(cfg.data, False)
+    protocols = ([build_protocol(name, cfg.data, progress, cfg.eval, trainset) for name in cfg.eval.protocols]
+                 if dist.is_main else [])
+    return trainset, protocols
+
+
+def run(cfg: RunConfig, console: Console | None = None, progress: bool = True, seeds: int = 1) -> list[MethodRun]:
+    """Run every method of ``cfg`` with seeds ``train.seed .. train.seed + seeds - 1`` (one run group);
+    returns one :class:`MethodRun` per (seed, method), seed by seed, methods in order (on rank 0; other
+    ranks of a torchrun launch return an empty list)."""
     console = console or Console(stderr=True)
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
     check_names(cfg)
     results_dir = ensure_writable_dir(Path(cfg.out))
-    device = resolve_device(cfg.train.device)
+    dist, device = init_from_environment(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    trainset = build_trainset(cfg.data, progress)
-    protocols = [PROTOCOLS.get(name)(cfg.data, progress, options=cfg.eval) for name in cfg.eval.protocols]
-    group = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    trainset, protocols = _prepare(cfg, dist, progress)
+    group = broadcast_object(f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", dist)
     split = trainset.info.get("split", {})
-    console.print(f"[bold]bench run[/] {group}: {cfg.data.dataset}/{cfg.data.split.name} "
-                  f"({split.get('identities')} identities, {split.get('images')} images), "
-                  f"backbone {cfg.train.backbone}, budget {cfg.train.budget} samples, device {device}")
+    if dist.is_main:
+        console.print(f"[bold]bench run[/] {group}: {cfg.data.dataset}/{cfg.data.split.name} "
+                      f"({split.get('identities')} identities, {split.get('images')} images), "
+                      f"backbone {cfg.train.backbone}, budget {cfg.train.budget} samples, device {device}"
+                      + (f", {dist.world_size} ranks" if dist.is_distributed else ""))
     runs = []
-    for name in cfg.methods:
-        runs.append(train_and_evaluate(cfg, name, trainset, protocols, device, results_dir, group, console,
-                                       progress))
-        console.print(f"  {name}: record {runs[-1].run_dir}")
-    return runs
+    for offset in range(seeds):
+        seeded = replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + offset))
+        for name in cfg.methods:
+            runs.append(train_and_evaluate(seeded, name, trainset, protocols, device, results_dir, group, console,
+                                           progress, dist=dist))
+            if dist.is_main:
+                console.print(f"  {name} (seed {seeded.train.seed}): record {runs[-1].run_dir}")
+    return runs if dist.is_main else []
 
+
+def resume(run_dir: Path, console: Console | None = None, progress: bool = True) -> MethodRun | None:
+    """Continue the interrupted run in ``run_dir`` from its newest checkpoint, then evaluate it.
+
+    The configuration is the run's own ``config.yaml``; the number of ranks may differ from the one that
+    wrote the checkpoint (the class centers are re-sharded). Returns the run on rank 0, else None.
+    """
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise BenchError(f"{run_dir}: not a run directory (no config.yaml)")
+    if (run_dir / "metrics.json").is_file():
+        raise BenchError(f"{run_dir}: the run is complete; there is nothing to resume")
+    if read_manifest(run_dir / "checkpoints") is None:
+        raise BenchError(f"{run_dir}: the run has no checkpoint to resume from")
+    with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        missing = [key for key in ("method", "method_params", "data", "train", "eval", "out") if key not in stored]
+        if missing:
+            raise BenchError(f"{run_dir / 'config.yaml'}: not a FaceBench run config (no '{missing[0]}')")
+        method_name = stored["method"]
+        cfg = config_from_dict({key: stored[key] for key in ("data", "train", "eval", "out")},
+                               source=str(run_dir / "config.yaml"))
+        cfg = replace(cfg, methods=[method_name], method_params={method_name: stored["method_params"]})
+        check_names(cfg)
+        dist, device = init_from_environment(cfg.train.device)
+        trainset, protocols = _prepare(cfg, dist, progress)
+        result = train_and_evaluate(cfg, method_name, trainset, protocols, device, run_dir.parent,
+                                    stored.get("group", ""), console, progress, dist=dist, resume_dir=run_dir)
+    return result if dist.is_main else None

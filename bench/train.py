@@ -24,20 +24,8 @@ import torch
 from bench.config import TrainSettings
 from bench.profiling import PeakMemory, StepTimer
 from methods.base import Method
-from methods.registry import ConfigError
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
+from bench.distributed import all_gather_objects, average_gradients, mean_over_ranks
+from methods.distributed import DistContext
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -68,6 +56,10 @@ def build_optimizer(method: Method, settings: TrainSettings) -> torch.optim.SGD:
                            weight_decay=settings.weight_decay)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the first such step."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -78,6 +70,8 @@ class TrainResult:
     peak_memory_bytes: int
     peak_memory_method: str
     final_loss: float
+    first_step: int = 0
+    amp_skipped_steps: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
 
     def perf(self) -> dict[str, Any]:
@@ -87,14 +81,22 @@ class TrainResult:
             "throughput_img_s": self.throughput_img_s, "step_time_ms": self.step_time_ms,
             "data_fraction_of_step": self.step_time_ms.get("data", 0.0) / total if total else 0.0,
             "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_method": self.peak_memory_method,
+            "measured_from_step": self.first_step, "amp_skipped_steps": self.amp_skipped_steps,
         }
 
 
 class Trainer:
-    """Owns the optimizer, LR schedule and AMP scaler of one method; ``step`` runs one iteration."""
+    """Owns the optimizer, LR schedule and AMP scaler of one method; ``step`` runs one iteration.
 
-    def __init__(self, method: Method, settings: TrainSettings, device: torch.device, total_steps: int) -> None:
+    With several ranks, the gradients of replicated parameter groups are averaged after the backward
+    pass (groups marked ``"sharded"`` are exact already; see :mod:`bench.distributed`), and logged losses
+    are averaged over ranks.
+    """
+
+    def __init__(self, method: Method, settings: TrainSettings, device: torch.device, total_steps: int,
+                 dist: DistContext | None = None) -> None:
         self.method, self.settings, self.device, self.total_steps = method, settings, device, total_steps
+        self.dist = dist or DistContext()
         self.optimizer = build_optimizer(method, settings)
         method.attach_optimizer(self.optimizer)
         warmup = int(settings.warmup_fraction * total_steps)
@@ -104,7 +106,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.backbone_params = [p for g in self.optimizer.param_groups if g.get("name") == "backbone"
                                 for p in g["params"]]
+        self.replicated_params = [p for g in self.optimizer.param_groups if not g.get("sharded")
+                                  for p in g["params"]]
         self.steps_done = 0
+        self.amp_skipped_steps = 0
+        # First step whose loss was not finite (-1: none); kept on the device, read at log/checkpoint time.
+        self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
 
     def _autocast(self):
         return torch.autocast(device_type="cuda", dtype=torch.float16) if self.amp else nullcontext()
@@ -114,14 +121,22 @@ class Trainer:
         with self._autocast():
             out = self.method(images, labels)
         self.scaler.scale(out.loss).backward()
-        return out.loss.detach(), out.logs
+        average_gradients(self.replicated_params, self.dist)
+        loss = out.loss.detach()
+        step = torch.full((), self.steps_done + 1, dtype=torch.long, device=self.device)
+        self._first_nonfinite = torch.where((self._first_nonfinite < 0) & ~torch.isfinite(loss), step,
+                                            self._first_nonfinite)
+        return loss, out.logs
 
     def update(self) -> None:
         if self.settings.grad_clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.backbone_params, self.settings.grad_clip_norm)
+        scale_before = self.scaler.get_scale() if self.amp else 0.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.amp and self.scaler.get_scale() < scale_before:  # the scaler skipped this step (inf/NaN grads)
+            self.amp_skipped_steps += 1
         self.scheduler.step()
         self.method.on_step_end()
         self.steps_done += 1
@@ -132,17 +147,40 @@ class Trainer:
         self.update()
         return loss
 
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any step so far had a NaN or infinite loss (on any rank)."""
+        first = int(self._first_nonfinite)
+        flags = all_gather_objects(first, self.dist)
+        bad = [f for f in flags if f >= 0]
+        if bad:
+            raise NonFiniteLossError(f"the loss became NaN or infinite at step {min(bad)}")
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, schedule, AMP scaler and counters (the method's own state is saved separately)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "steps_done": self.steps_done,
+                "amp_skipped_steps": self.amp_skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.steps_done, self.amp_skipped_steps = int(state["steps_done"]), int(state["amp_skipped_steps"])
+
     def fit(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
             on_log: Callable[[dict[str, Any]], None] | None = None,
-            on_step: Callable[[int, float | None], None] | None = None) -> TrainResult:
+            on_step: Callable[[int, float | None], None] | None = None,
+            on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
         """Train for the remaining steps, logging every ``log_every`` steps via ``on_log``.
 
         ``on_step(step, loss_or_None)`` is called after every step (for progress bars); the loss is only
         materialised at logging steps so that the loop never waits on the device needlessly.
+        ``on_checkpoint(step)`` is called every ``ckpt_every`` steps and after the last one, once the
+        losses so far are known to be finite, so a checkpoint never holds a diverged model.
         """
         self.method.train()
         timer, memory = StepTimer(self.device), PeakMemory(self.device)
@@ -150,7 +188,9 @@ class Trainer:
         interval_logs: dict[str, float] = {}
         interval_steps, interval_start = 0, time.perf_counter()
         curve: list[dict[str, Any]] = []
+        first_step = self.steps_done
         start, last_loss = time.perf_counter(), math.nan
+        ckpt_every = self.settings.ckpt_every
         timer.start()
         while self.steps_done < self.total_steps:
             images, labels = next(batches)
@@ -165,15 +205,17 @@ class Trainer:
                 interval_logs[key] = interval_logs.get(key, 0.0) + float(value)
             interval_steps += 1
             reported = None
-            if self.steps_done % self.settings.log_every == 0 or self.steps_done == self.total_steps:
+            last = self.steps_done == self.total_steps
+            if self.steps_done % self.settings.log_every == 0 or last:
+                self.check_finite()
                 now = time.perf_counter()
-                last_loss = reported = float(interval_loss) / interval_steps
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"loss became {last_loss} at step {self.steps_done}")
+                last_loss = reported = float(mean_over_ranks(interval_loss, self.dist)) / interval_steps
                 entry = {"step": self.steps_done, "samples": self.steps_done * self.settings.batch_size,
                          "loss": last_loss, "lr": lr,
                          "img_s": interval_steps * self.settings.batch_size / (now - interval_start),
                          **{k: v / interval_steps for k, v in interval_logs.items()}}
+                if self.amp:
+                    entry["amp_skipped_steps"] = self.amp_skipped_steps
                 curve.append(entry)
                 if on_log:
                     on_log(entry)
@@ -182,9 +224,15 @@ class Trainer:
             if on_step:
                 on_step(self.steps_done, reported)
             timer.lap("logging")
+            if on_checkpoint and ((ckpt_every and self.steps_done % ckpt_every == 0) or last):
+                self.check_finite()
+                on_checkpoint(self.steps_done)
+                timer.lap("checkpoint")
         wall = time.perf_counter() - start
-        samples = self.total_steps * self.settings.batch_size
-        return TrainResult(steps=self.total_steps, samples_seen=samples, wall_time_s=wall,
-                           throughput_img_s=samples / wall if wall > 0 else 0.0,
-                           step_time_ms=timer.breakdown_ms(self.total_steps), peak_memory_bytes=memory.peak_bytes(),
-                           peak_memory_method=memory.describe(), final_loss=last_loss, curve=curve)
+        steps = self.total_steps - first_step
+        samples = steps * self.settings.batch_size
+        return TrainResult(steps=self.total_steps, samples_seen=self.total_steps * self.settings.batch_size,
+                           wall_time_s=wall, throughput_img_s=samples / wall if wall > 0 else 0.0,
+                           step_time_ms=timer.breakdown_ms(steps), peak_memory_bytes=memory.peak_bytes(),
+                           peak_memory_method=memory.describe(), final_loss=last_loss, first_step=first_step,
+                           amp_skipped_steps=self.amp_skipped_steps, curve=curve)

@@ -111,6 +111,10 @@ class MarginHead(nn.Module):
         """Whether ``weight`` holds only this rank's shard (its gradient must not be averaged)."""
         return self.dist.is_distributed
 
+    def sharded_state_keys(self) -> list[str]:
+        """State-dict entries split along dim 0 across ranks."""
+        return ["weight"]
+
     def class_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine of each embedding to each class, ``[B, num_classes]``."""
         return cosine_matrix(embeddings, self.weight)

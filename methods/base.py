@@ -171,8 +171,9 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups: ``backbone`` (gradient-clipped by the harness) and ``head``.
 
-        A group with ``"sharded": True`` holds parameters that differ across ranks (model-parallel class
-        centers); the harness averages the gradients of every other group over ranks.
+        A group with ``"sharded": True`` holds parameters laid out in contiguous class shards across ranks
+        (model-parallel class centers; a single shard on one rank); the harness averages the gradients of
+        every other group over ranks, and a checkpoint re-shards these groups' optimizer state.
         """
         backbone_ids = {id(p) for p in self.backbone.parameters()}
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
@@ -184,8 +185,13 @@ class Method(nn.Module):
 
     @property
     def head_is_sharded(self) -> bool:
-        """Whether the non-backbone parameters are split across ranks (model parallel)."""
+        """Whether the non-backbone parameters are laid out in class shards across ranks (model parallel)."""
         return False
+
+    def sharded_state_keys(self) -> list[str]:
+        """``state_dict`` entries split along dim 0 across ranks in contiguous class shards (class centers
+        and their per-row state), which a checkpoint re-shards when the number of ranks changes."""
+        return []
 
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -218,7 +224,14 @@ class HeadMethod(Method):
 
     @property
     def head_is_sharded(self) -> bool:
-        return bool(getattr(self.head, "is_sharded", False))
+        # Class-sharded layout, whatever the world size (one shard on a single rank), so that a
+        # checkpoint re-shards between any two numbers of ranks, 1 included.
+        return hasattr(self.head, "sharded_state_keys")
+
+    def sharded_state_keys(self) -> list[str]:
+        if not self.head_is_sharded:
+            return []
+        return [f"head.{key}" for key in self.head.sharded_state_keys()]
 
     def on_step_end(self) -> None:
         step_end = getattr(self.head, "step_end", None)

@@ -51,7 +51,8 @@ being equal); only the final weight generator has had one more update. The enque
 
 Evaluation: the authors evaluate the weight generator (``forward(is_train=False)`` uses ``encoder_k``),
 so ``encoder()`` defaults to ``"momentum"``; ``encoder("query")`` gives the trained backbone. MoCo's
-shuffle-BN across GPUs is a no-op in one process and comes with distributed support (issue 8).
+shuffling BN across ranks (``shuffle_bn``, :mod:`methods.momentum`) is off by default: the authors'
+code trains on one GPU and has none; it changes nothing in one process.
 """
 
 from __future__ import annotations
@@ -65,10 +66,9 @@ from torch import nn
 
 from methods.base import BatchSpec, LossOutput, Method, register_method
 from methods.distributed import DistContext
-from methods.margins import cos_margin
+from methods.margins import cos_margin, full_precision
 from methods.momentum import BUFFER_RULES, MomentumEncoder
-from methods.queues import (FeatureQueue, gather_for_enqueue, mask_same_label, random_unit_rows,
-                            require_single_process, split_views)
+from methods.queues import FeatureQueue, gather_for_enqueue, mask_same_label, random_unit_rows, split_views
 from methods.registry import ConfigError
 
 
@@ -80,13 +80,15 @@ class DCQ(Method):
 
     def __init__(self, backbone: nn.Module, num_classes: int, embedding_size: int, *, s: float, m: float,
                  momentum: float, queue_size: int, queue_fraction: float, shots: int,
-                 key_with_replacement: bool, momentum_buffers: str, dist: DistContext | None = None) -> None:
+                 key_with_replacement: bool, momentum_buffers: str, shuffle_bn: bool = False,
+                 dist: DistContext | None = None) -> None:
         super().__init__(backbone, BatchSpec(views_per_class=1 + shots, views_with_replacement=key_with_replacement))
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.s, self.m, self.shots = float(s), float(m), shots
         self.queue_size, self.queue_fraction = queue_size, float(queue_fraction)
         self.dist = dist or DistContext()
-        self.weight_generator = MomentumEncoder(backbone, momentum, buffers=momentum_buffers, train_mode="all")
+        self.weight_generator = MomentumEncoder(backbone, momentum, buffers=momentum_buffers, train_mode="all",
+                                                shuffle_bn=shuffle_bn, dist=self.dist)
         self.queue = FeatureQueue(embedding_size)
         # Seeds the queue's random initial rows; a buffer, so a resumed run has the same one.
         self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
@@ -95,13 +97,12 @@ class DCQ(Method):
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {"s": 50.0, "m": 0.3, "momentum": 0.999, "queue_size": 0, "queue_fraction": 0.1, "shots": 1,
-                "key_with_replacement": True, "momentum_buffers": "ema"}
+                "key_with_replacement": True, "momentum_buffers": "ema", "shuffle_bn": False}
 
     @classmethod
     def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
                     cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> DCQ:
         p = cls.resolve_params(cfg)
-        require_single_process("dcq", dist)
         _check(p["s"] > 0, f"s must be > 0, got {p['s']}")
         _check(0.0 <= p["m"] < 2.0, f"m must be in [0, 2), got {p['m']}")
         _check(0.0 <= p["momentum"] <= 1.0, f"momentum must be in [0, 1], got {p['momentum']}")
@@ -135,7 +136,7 @@ class DCQ(Method):
         """Class weights ``[G, D]`` (unit rows) from reference images ``[G, K, ...]``, without gradient."""
         groups, shots = references.shape[:2]
         with torch.no_grad():
-            keys = F.normalize(self.weight_generator(references.flatten(0, 1)).float(), dim=1)
+            keys = F.normalize(full_precision(self.weight_generator(references.flatten(0, 1))), dim=1)
             if shots > 1:
                 keys = F.normalize(keys.view(groups, shots, -1).mean(dim=1), dim=1)
         return keys
@@ -143,7 +144,7 @@ class DCQ(Method):
     def logits(self, queries: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Scaled logits ``[G, 1 + queue rows]``: column 0 the margin positive, then the masked queue."""
         with torch.autocast(device_type=queries.device.type, enabled=False):
-            q = F.normalize(queries.float(), dim=1)
+            q = F.normalize(full_precision(queries), dim=1)
             positive = (q * weights).sum(dim=1).clamp(-1.0, 1.0)
             rows, row_labels = self.queue.live()
             negatives = mask_same_label((q @ rows.T).clamp(-1.0, 1.0), labels, row_labels)

@@ -97,6 +97,12 @@ def target_cosines(cosines: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels >= 0, gathered, torch.zeros_like(gathered))
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it already is: float16 / bfloat16 features from mixed precision
+    are widened before cosines and logits, without narrowing float64 (used by tests for exactness)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def cosine_matrix(embeddings: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Cosines between every embedding and every center, clamped to [-1, 1]: ``[B, C]``.
 

@@ -25,6 +25,15 @@ Train-time mode of the copy: ``train_mode="all"`` puts the whole copy in train m
 (DCQ: its trainer calls ``model.train()`` on both encoders); ``train_mode="batchnorm"`` keeps the copy in
 eval mode except its BatchNorm layers (SST: ``gallery_net.eval().apply(train_BN)``), which only matters
 for dropout. In eval mode the copy is entirely in eval mode.
+
+Shuffling BN (MoCo, Sec. 3.3; FaceX-Zoo's SST ``_batch_shuffle_ddp``). With several ranks, each rank's
+BatchNorm sees only its own slice of the batch; a copy in train mode then normalises a key with the
+statistics of the very samples its query shares a rank with, a signal the query can cheat on. With
+``shuffle_bn=True`` the copy's input is gathered from every rank, permuted with one permutation shared
+by all ranks, each rank encodes its slice of the permuted batch, and the keys are gathered and
+un-permuted (:func:`shuffled_forward`). In one process it changes nothing. The permutation is drawn
+from a generator seeded by the copy's seed and call counter (buffers, so a resumed run draws the same)
+and needs no communication.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import copy
 
 import torch
 from torch import nn
+
+from methods.distributed import DistContext, all_gather
 
 BUFFER_RULES = ("own", "ema")
 TRAIN_MODES = ("all", "batchnorm")
@@ -57,6 +68,22 @@ def momentum_update_(target: nn.Module, source: nn.Module, momentum: float, buff
         torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
 
 
+@torch.no_grad()
+def shuffled_forward(encoder: nn.Module, images: torch.Tensor, dist: DistContext,
+                     generator: torch.Generator) -> torch.Tensor:
+    """``encoder(images)`` with BatchNorm statistics of a random mix of every rank's images (MoCo Sec. 3.3).
+
+    Every rank passes equally many images and the same ``generator`` state; returns this rank's keys in
+    the order of ``images``. No gradient (the keys of a momentum copy are constants).
+    """
+    local = images.shape[0]
+    everything = all_gather(images, dist)
+    order = torch.randperm(everything.shape[0], generator=generator).to(images.device)
+    mine = slice(dist.rank * local, (dist.rank + 1) * local)
+    keys = all_gather(encoder(everything[order[mine]]), dist)  # keys[j] is the key of everything[order[j]]
+    return keys[torch.argsort(order)][mine]
+
+
 def _is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
@@ -64,7 +91,8 @@ def _is_batchnorm(module: nn.Module) -> bool:
 class MomentumEncoder(nn.Module):
     """A frozen copy of ``source`` updated by :func:`momentum_update_`; ``forward`` runs the copy."""
 
-    def __init__(self, source: nn.Module, momentum: float, buffers: str = "own", train_mode: str = "all") -> None:
+    def __init__(self, source: nn.Module, momentum: float, buffers: str = "own", train_mode: str = "all",
+                 shuffle_bn: bool = False, dist: DistContext | None = None) -> None:
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -73,6 +101,11 @@ class MomentumEncoder(nn.Module):
         if train_mode not in TRAIN_MODES:
             raise ValueError(f"train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
         self.momentum, self.buffer_rule, self.train_mode = float(momentum), buffers, train_mode
+        self.shuffle_bn, self.dist = bool(shuffle_bn), dist or DistContext()
+        if self.shuffle_bn:
+            # Same initial seed on every rank (the model is built under the same torch seed everywhere).
+            self.register_buffer("shuffle_seed", torch.randint(0, 2**62, ()))
+            self.register_buffer("shuffle_calls", torch.zeros((), dtype=torch.long))
         self.encoder = copy.deepcopy(source)
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
@@ -91,11 +124,16 @@ class MomentumEncoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images)
+        if not (self.shuffle_bn and self.training and self.dist.is_distributed):
+            return self.encoder(images)
+        generator = torch.Generator().manual_seed(int(self.shuffle_seed) + int(self.shuffle_calls))
+        self.shuffle_calls += 1
+        return shuffled_forward(self.encoder, images, self.dist, generator)
 
     def update(self, source: nn.Module) -> None:
         """One momentum step towards ``source`` (call after the optimizer step)."""
         momentum_update_(self.encoder, source, self.momentum, self.buffer_rule)
 
     def extra_repr(self) -> str:
-        return f"momentum={self.momentum}, buffers={self.buffer_rule}, train_mode={self.train_mode}"
+        return (f"momentum={self.momentum}, buffers={self.buffer_rule}, train_mode={self.train_mode}, "
+                f"shuffle_bn={self.shuffle_bn}")

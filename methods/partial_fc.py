@@ -122,7 +122,8 @@ class PartialFC(nn.Module):
         # Sampling has its own generator (seeded from the global one) so that its state is resumable.
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self._optimizer: torch.optim.Optimizer | None = None
-        self._row_state: dict[str, torch.Tensor] = {}
+        #: Optimizer state entries kept per row (registered as ``row_state_<key>`` buffers on attach).
+        self._row_state_keys: tuple[str, ...] = ()
         self._index: torch.Tensor | None = None
 
     # --- optimizer coupling (sparse update) ---
@@ -151,7 +152,9 @@ class PartialFC(nn.Module):
         self._optimizer, self._group = optimizer, groups[0]
         self._fold_weight_decay = type(optimizer).__name__ in ("SGD", "Adam")  # L2 decay added to the gradient
         for key in keys:
-            self._row_state.setdefault(key, torch.zeros_like(self.weight))
+            if not hasattr(self, f"row_state_{key}"):
+                self.register_buffer(f"row_state_{key}", torch.zeros_like(self.weight))
+        self._row_state_keys = keys
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
 
@@ -159,7 +162,7 @@ class PartialFC(nn.Module):
         if self._index is None or self.active_weight.grad is None:
             return
         state = optimizer.state[self.active_weight]
-        for key, rows in self._row_state.items():
+        for key, rows in self._row_states().items():
             if key != "max_exp_avg_sq" or self._group.get("amsgrad"):
                 state[key] = rows.index_select(0, self._index)
         self._saved_weight_decay = self._group["weight_decay"]
@@ -173,7 +176,7 @@ class PartialFC(nn.Module):
         self._group["weight_decay"] = self._saved_weight_decay
         state = optimizer.state[self.active_weight]
         with torch.no_grad():
-            for key, rows in self._row_state.items():
+            for key, rows in self._row_states().items():
                 if key in state:
                     rows.index_copy_(0, self._index, state.pop(key))
         self.step_end()
@@ -221,16 +224,20 @@ class PartialFC(nn.Module):
 
     # --- state: the sampling generator and the per-row optimizer state resume exactly ---
 
+    def _row_states(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, f"row_state_{key}") for key in self._row_state_keys}
+
+    def sharded_state_keys(self) -> list[str]:
+        """State-dict entries split along dim 0 across ranks (the centers and their per-row state)."""
+        return ["weight", *(f"row_state_{key}" for key in self._row_state_keys)]
+
     def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "generator_device": str(self.generator.device),
-                "row_state": {key: rows.clone() for key, rows in self._row_state.items()}}
+        return {"generator": self.generator.get_state(), "generator_device": str(self.generator.device)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if torch.device(state["generator_device"]) != self.generator.device:
             self.generator = torch.Generator(device=state["generator_device"])
         self.generator.set_state(state["generator"])
-        for key, rows in state["row_state"].items():
-            self._row_state[key] = rows.to(self.weight.device).clone()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -240,12 +247,6 @@ class PartialFC(nn.Module):
         if self.update == "sparse":
             state_dict = {**state_dict, prefix + "active_weight": self.active_weight.detach()}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001
-        # .to(device) moves the per-row optimizer state along with the weight it belongs to.
-        module = super()._apply(fn, recurse)
-        self._row_state = {key: fn(rows) for key, rows in self._row_state.items()}
-        return module
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "

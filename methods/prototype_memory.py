@@ -58,8 +58,8 @@ from torch import nn
 
 from methods.base import BatchSpec, LossOutput, Method, register_method
 from methods.distributed import DistContext
-from methods.margins import arc_margin, cos_margin, replace_target
-from methods.queues import ClassMemory, gather_for_enqueue, require_single_process
+from methods.margins import arc_margin, cos_margin, replace_target, full_precision
+from methods.queues import ClassMemory, gather_for_enqueue
 from methods.registry import ConfigError
 
 #: Cap of the derived memory size (SST's prototype queue for MS1M-scale data; see the module docstring).
@@ -90,7 +90,6 @@ class PrototypeMemory(Method):
     def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
                     cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> PrototypeMemory:
         p = cls.resolve_params(cfg)
-        require_single_process(cls.name, dist)
         _check(p["views_per_class"] >= 2, f"views_per_class must be >= 2 (leave-one-out positives), "
                                           f"got {p['views_per_class']}")
         _check(p["memory_size"] >= 0, f"memory_size must be >= 0 (0 = derived), got {p['memory_size']}")
@@ -122,7 +121,7 @@ class PrototypeMemory(Method):
                                                                                 torch.Tensor]:
         """``(scaled logits [N, C + memory], targets [N], classes [C], prototypes [C, D])``."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x = F.normalize(embeddings.float(), dim=1)
+            x = F.normalize(full_precision(embeddings), dim=1)
             classes, targets, prototypes, leave_one_out = self.prototypes(x, labels)
             batch = (x @ prototypes.T).clamp(-1.0, 1.0)
             positive = (x * leave_one_out).sum(dim=1).clamp(-1.0, 1.0)

@@ -15,11 +15,9 @@ the batch size, which ``Method.from_config`` does not receive): a structure buil
 allocated by :meth:`FeatureQueue.allocate`, and ``load_state_dict`` resizes it to the saved capacity, so
 a fresh instance can load a checkpoint before its first step.
 
-Distributed runs enqueue the rows of every rank. :func:`gather_for_enqueue` is the one seam for that:
-the queues' ``enqueue`` methods take already-gathered tensors, and the methods pass their batch through
-:func:`gather_for_enqueue` first. With one process it returns its inputs; the cross-rank all-gather is
-issue 8's to plug in, and until then a multi-process run fails loudly rather than enqueueing one rank's
-rows only.
+Distributed runs enqueue the rows of every rank: the queues' ``enqueue`` methods take already-gathered
+tensors, and the methods pass their batch through :func:`gather_for_enqueue` (an all-gather in rank
+order) first, so every rank keeps the same queue.
 
 Two small helpers shared by the queue methods: :func:`split_views` (the identity-major batch of a
 ``BatchSpec(views_per_class=k)`` as ``[identities, k, ...]``) and :func:`mask_same_label` (queue rows of a
@@ -34,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.distributed import DistContext
+from methods.distributed import DistContext, all_gather
 
 #: Label of a row that holds no identity (an initial random row, or an empty slot).
 NO_LABEL = -1
@@ -43,20 +41,10 @@ NO_LABEL = -1
 def gather_for_enqueue(dist: DistContext, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every rank's rows of each tensor, concatenated in rank order, without gradient.
 
-    One process: the tensors themselves (detached). Several: not implemented yet (issue 8 plugs the
-    all-gather in here; the queues already take the gathered tensors).
+    The order is the order one process would see the global batch in, so a queue fed by several ranks
+    holds exactly the rows a single process would hold. One process: the tensors themselves (detached).
     """
-    if dist.is_distributed:
-        raise NotImplementedError("queue methods do not yet all-gather across ranks (issue 8); "
-                                  "run them in a single process")
-    return tuple(t.detach() for t in tensors)
-
-
-def require_single_process(method: str, dist: DistContext | None) -> None:
-    """Fail at construction, not at the first enqueue, when a queue method is run on several ranks."""
-    if dist is not None and dist.is_distributed:
-        raise NotImplementedError(f"method '{method}' does not yet support several processes (issue 8: "
-                                  f"all-gather of queue rows); run it in a single process")
+    return tuple(all_gather(t.detach(), dist) for t in tensors)
 
 
 def random_unit_rows(count: int, dim: int, generator: torch.Generator, kind: str = "normal") -> torch.Tensor:
@@ -144,9 +132,10 @@ class FeatureQueue(_ResizableBuffers):
             if initial.shape != (capacity, self.dim):
                 raise ValueError(f"FeatureQueue: initial rows must be {(capacity, self.dim)}, "
                                  f"got {tuple(initial.shape)}")
-            self.features = initial.detach().to(device=device, dtype=torch.float32).clone()
+            # The queue keeps the dtype it was built with (float32 normally, float64 in exactness tests).
+            self.features = initial.detach().to(device=device, dtype=self.features.dtype).clone()
         else:
-            self.features = torch.zeros(capacity, self.dim, device=device)
+            self.features = torch.zeros(capacity, self.dim, device=device, dtype=self.features.dtype)
         self.labels = torch.full((capacity,), NO_LABEL, dtype=torch.long, device=device)
         self.ptr = torch.zeros((), dtype=torch.long, device=device)
         self.full = torch.tensor(initial is not None, device=device)

@@ -46,8 +46,9 @@ Defaults and their sources:
 - The loss is the mean of both directions (FaceX-Zoo ``train.py``); the original repo sums them, which
   only doubles the gradient.
 
-Only the probe is used at inference (``encoder()`` is the backbone). MoCo-style shuffle-BN (FaceX-Zoo)
-is a no-op in one process and comes with distributed support (issue 8). Randomness (the enqueue coin,
+Only the probe is used at inference (``encoder()`` is the backbone). MoCo-style shuffling BN across ranks (FaceX-Zoo
+``_batch_shuffle_ddp``) is the option ``shuffle_bn`` (:mod:`methods.momentum`), off by default as in the
+single-GPU original; it changes nothing in one process. Randomness (the enqueue coin,
 the initial queue rows) is drawn from generators seeded by a buffer and the step counter, so a resumed
 run draws the same.
 """
@@ -63,9 +64,9 @@ from torch import nn
 
 from methods.base import BatchSpec, LossOutput, Method, register_method
 from methods.distributed import DistContext
-from methods.margins import arc_margin, cos_margin, replace_target, target_cosines
+from methods.margins import arc_margin, cos_margin, replace_target, target_cosines, full_precision
 from methods.momentum import MomentumEncoder
-from methods.queues import FeatureQueue, gather_for_enqueue, random_unit_rows, require_single_process, split_views
+from methods.queues import FeatureQueue, gather_for_enqueue, random_unit_rows, split_views
 from methods.registry import ConfigError
 
 #: The paper's prototype queue size for MS1M-v1c, the cap of the derived size.
@@ -93,7 +94,7 @@ class SST(Method):
     encoder_names = ("probe",)
 
     def __init__(self, backbone: nn.Module, num_classes: int, embedding_size: int, *, s: float, m: float,
-                 loss_type: str, alpha: float, queue_size: int, num_agents: int = 1,
+                 loss_type: str, alpha: float, queue_size: int, num_agents: int = 1, shuffle_bn: bool = False,
                  dist: DistContext | None = None) -> None:
         gap = default_reuse_gap(num_classes, queue_size)
         super().__init__(backbone, BatchSpec(views_per_class=2, identity_reuse_gap=gap))
@@ -102,7 +103,8 @@ class SST(Method):
         self.queue_size, self.reuse_gap = queue_size, gap
         self.dist = dist or DistContext()
         self.galleries = nn.ModuleList(
-            MomentumEncoder(backbone, alpha, buffers="own", train_mode="batchnorm") for _ in range(num_agents))
+            MomentumEncoder(backbone, alpha, buffers="own", train_mode="batchnorm", shuffle_bn=shuffle_bn, dist=self.dist)
+            for _ in range(num_agents))
         self.queue = FeatureQueue(embedding_size)
         self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -110,7 +112,7 @@ class SST(Method):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {"s": 32.0, "m": 0.35, "loss_type": "am_softmax", "alpha": 0.999, "queue_size": 0}
+        return {"s": 32.0, "m": 0.35, "loss_type": "am_softmax", "alpha": 0.999, "queue_size": 0, "shuffle_bn": False}
 
     @classmethod
     def check(cls, num_classes: int, p: Mapping[str, Any]) -> None:
@@ -130,7 +132,6 @@ class SST(Method):
     def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
                     cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> SST:
         p = cls.resolve_params(cfg)
-        require_single_process(cls.name, dist)
         cls.check(num_classes, p)
         return cls(backbone, num_classes, embedding_size, dist=dist, **p)
 
@@ -179,7 +180,7 @@ class SST(Method):
         """CE of ``probe`` features against the queue with ``gallery`` features written at their slots."""
         with torch.autocast(device_type=probe.device.type, enabled=False):
             prototypes = self.queue.with_rows_at_pointer(gallery)
-            cosines = (F.normalize(probe.float(), dim=1) @ prototypes.T).clamp(-1.0, 1.0)
+            cosines = (F.normalize(full_precision(probe), dim=1) @ prototypes.T).clamp(-1.0, 1.0)
             logits = replace_target(cosines, targets, self.target_logit(target_cosines(cosines, targets)))
             return F.cross_entropy(self.s * logits, targets)
 
@@ -192,10 +193,10 @@ class SST(Method):
         # The authors' order of passes (BatchNorm statistics depend on it): p1, g2, p2, g1.
         p1 = self.backbone(x1)
         with torch.no_grad():
-            g2 = F.normalize(gallery(x2).float(), dim=1)
+            g2 = F.normalize(full_precision(gallery(x2)), dim=1)
         p2 = self.backbone(x2)
         with torch.no_grad():
-            g1 = F.normalize(gallery(x1).float(), dim=1)
+            g1 = F.normalize(full_precision(gallery(x1)), dim=1)
         g1_all, g2_all, identity_all = gather_for_enqueue(self.dist, g1, g2, identity)
         # This rank's samples are rows [rank * G, (rank + 1) * G) of the gathered batch.
         local = identity.shape[0]

@@ -67,7 +67,7 @@ def test_method_params_reach_the_record(tmp_path, tiny_args):
     (["--backbone", "r9000"], "error: unknown backbone 'r9000'; valid:"),
     (["--split", "deep"], "error: unknown split 'deep'; valid: full, longtail, shallow"),
     (["--eval", "lfw2"], "error: unknown protocol 'lfw2'; valid: agedb_30, calfw, cfp_ff, cfp_fp, cplfw, ijbb, "
-                         "ijbc, lfw, megaface, synth-ijbc, synth-lfw, synth-megaface, vgg2_fp"),
+                         "ijbc, lfw, megaface, synth-ijbc, synth-lfw, synth-megaface"),
     (["--dataset", "ms1m"], "error: unknown dataset 'ms1m'; valid: casia, custom, glint360k, ms1mv2, ms1mv3, "
                             "synthface, webface12m, webface42m, webface4m"),
     (["--budget", "-5"], "error: train.budget (-5) must be >= train.batch_size (32)"),

@@ -89,13 +89,13 @@ def test_sparse_update_touches_only_sampled_rows_bitwise():
     momentum_ref = torch.zeros_like(weight_ref)
     for step in range(4):
         labels = torch.randint(0, 200, (16,))
-        before_w, before_m = head.weight.clone(), head.get_extra_state()["row_state"]["momentum_buffer"].clone()
+        before_w, before_m = head.weight.clone(), head.row_state_momentum_buffer.clone()
         opt.zero_grad()
         head(torch.randn(16, 8), labels).backward()
         index, grad = head._index.clone(), head.active_weight.grad.clone()
         opt.step()
         head.step_end()
-        after_m = head.get_extra_state()["row_state"]["momentum_buffer"]
+        after_m = head.row_state_momentum_buffer
         untouched = torch.ones(200, dtype=torch.bool)
         untouched[index] = False
         assert index.numel() == 20 and untouched.sum() == 180

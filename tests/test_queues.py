@@ -103,13 +103,24 @@ def test_queue_state_dict_resizes_a_fresh_queue_and_resumes_identically():
         assert torch.equal(tensor, fresh.state_dict()[name]), name
 
 
-def test_gather_for_enqueue_single_process_and_distributed_error():
+def test_gather_for_enqueue_single_process():
     x = torch.randn(3, 2, requires_grad=True)
     labels = torch.tensor([1, 2, 3])
     gathered_x, gathered_labels = gather_for_enqueue(DistContext(), x, labels)
     assert torch.equal(gathered_x, x) and not gathered_x.requires_grad and torch.equal(gathered_labels, labels)
-    with pytest.raises(NotImplementedError, match="issue 8"):
-        gather_for_enqueue(DistContext(rank=0, world_size=2), x)
+
+
+def _gather_on_rank(rank: int, world_size: int):
+    x = torch.full((2, 3), float(rank))
+    return gather_for_enqueue(DistContext(rank, world_size), x, torch.tensor([rank, rank + 10]))
+
+
+def test_gather_for_enqueue_across_two_ranks_is_in_rank_order(tmp_path):
+    from tests.dist_helpers import run_ranks
+
+    for rows, labels in run_ranks(_gather_on_rank, 2, tmp_path):
+        assert torch.equal(rows, torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+        assert labels.tolist() == [0, 10, 1, 11]
 
 
 def test_split_views_and_label_mask():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bench.config import TrainSettings
-from bench.train import lr_factor, resolve_device
+from bench.distributed import resolve_device
+from bench.train import lr_factor
 from methods.registry import ConfigError
 
 

@@ -7,8 +7,9 @@ travel to the device as uint8 (4x fewer bytes than float) and are converted ther
 Two paths behind one iterator. In-memory sets (SynthFace) are gathered in the training process: a
 gather costs under a millisecond, far less than handing batches between processes. Sets that decode on
 demand (``trainset.decodes_on_demand``: RecordIO, image folders) are decoded by DataLoader workers, one
-whole batch per task, :data:`PREFETCH_BATCHES` batches ahead per worker; there the flip of batch ``b`` is
-drawn from a generator seeded by ``(seed, b)``, so batches are identical for any number of workers.
+whole batch per task, :data:`PREFETCH_BATCHES` batches ahead per worker. On both paths the flips of batch
+``b`` are drawn from a generator seeded by ``(seed, b)`` (:func:`flip_mask`), so batches are identical for
+any number of workers or ranks, and after a resume.
 """
 
 from __future__ import annotations
@@ -34,16 +35,21 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(127.5).sub_(1.0)
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image horizontally with probability :data:`FLIP_PROBABILITY`."""
-    flip = torch.rand(images.shape[0], generator=generator) < FLIP_PROBABILITY
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+def flip_mask(seed: int, batch_number: int, batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Which images of batch ``batch_number`` to flip (probability :data:`FLIP_PROBABILITY`).
+
+    Drawn for the whole global batch (``batch_size`` images per rank) from a generator seeded by
+    ``(seed, batch_number)``, then sliced for ``rank``: the same flips whichever process decodes the
+    batch, however many ranks share it, and after a resume.
+    """
+    draws = np.random.default_rng([seed, _FLIP_STREAM, batch_number]).random(batch_size * world_size)
+    return draws[rank * batch_size:(rank + 1) * batch_size] < FLIP_PROBABILITY
 
 
-def flip_mask(seed: int, batch_number: int, batch_size: int) -> np.ndarray:
-    """Which images of batch ``batch_number`` to flip (probability :data:`FLIP_PROBABILITY`), drawn from a
-    generator seeded by ``(seed, batch_number)``: independent of which process decodes the batch."""
-    return np.random.default_rng([seed, _FLIP_STREAM, batch_number]).random(batch_size) < FLIP_PROBABILITY
+def flip_images(images: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """Mirror the images where ``mask`` is true (uint8 ``[B, 3, H, W]``)."""
+    flip = torch.from_numpy(mask).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
 
 
 class _DecodeBatches(torch.utils.data.Dataset):
@@ -51,12 +57,12 @@ class _DecodeBatches(torch.utils.data.Dataset):
 
     Sets that decode on demand take ``load(indices, flip=mask)`` and mirror while decoding."""
 
-    def __init__(self, trainset: TrainData, seed: int, flip: bool) -> None:
-        self.trainset, self.seed, self.flip = trainset, seed, flip
+    def __init__(self, trainset: TrainData, seed: int, flip: bool, rank: int, world_size: int) -> None:
+        self.trainset, self.seed, self.flip, self.rank, self.world_size = trainset, seed, flip, rank, world_size
 
     def __getitem__(self, item: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor] | _DataFailure:
         number, indices = item
-        mask = flip_mask(self.seed, number, len(indices)) if self.flip else None
+        mask = flip_mask(self.seed, number, len(indices), self.rank, self.world_size) if self.flip else None
         try:
             return self.trainset.load(indices, flip=mask)  # type: ignore[call-arg]
         except DataError as exc:
@@ -91,21 +97,22 @@ class BatchLoader:
     """
 
     def __init__(self, trainset: TrainData, sampler: Iterable[np.ndarray], device: torch.device, seed: int,
-                 flip: bool = True, workers: int | None = None) -> None:
-        self.trainset, self.device, self.flip = trainset, device, flip
-        self.generator = torch.Generator().manual_seed(seed)
+                 flip: bool = True, workers: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+        self.trainset, self.device, self.flip, self.seed = trainset, device, flip, seed
+        self.rank, self.world_size = rank, world_size
         self._pin = device.type == "cuda"
         self._decoded: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         if getattr(trainset, "decodes_on_demand", False):
             workers = int(getattr(trainset, "workers", 2)) if workers is None else workers
             loader = torch.utils.data.DataLoader(
-                _DecodeBatches(trainset, seed, flip), batch_size=None, sampler=_NumberedBatches(sampler),
+                _DecodeBatches(trainset, seed, flip, rank, world_size), batch_size=None,
+                sampler=_NumberedBatches(sampler),
                 num_workers=workers, prefetch_factor=PREFETCH_BATCHES if workers else None,
                 persistent_workers=False, pin_memory=self._pin)
             self._decoded = iter(loader)
-            self.sampler: Iterator[np.ndarray] = iter(())
+            self.numbered: Iterator[tuple[int, np.ndarray]] = iter(())
         else:
-            self.sampler = iter(sampler)
+            self.numbered = iter(_NumberedBatches(sampler))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -117,9 +124,10 @@ class BatchLoader:
                 raise DataError(batch.message)
             images, labels = batch
         else:
-            images, labels = self.trainset.load(next(self.sampler))
+            number, indices = next(self.numbered)
+            images, labels = self.trainset.load(indices)
             if self.flip:
-                images = random_flip(images, self.generator)
+                images = flip_images(images, flip_mask(self.seed, number, len(indices), self.rank, self.world_size))
             if self._pin:
                 images, labels = images.pin_memory(), labels.pin_memory()
         images = images.to(self.device, non_blocking=True)

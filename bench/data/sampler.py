@@ -169,3 +169,30 @@ def _reorder_with_gap(previous: np.ndarray, priority: np.ndarray, gap: int) -> n
             released += 1
         out[position] = heapq.heappop(allowed)
     return priority[out]
+
+
+class RankSlice:
+    """Rank ``rank``'s contiguous slice of every global batch served by ``sampler``.
+
+    Global batches are identical on every rank (same seed), so the ranks together train on exactly the
+    batches one process would; a class-balanced batch splits between whole identities when the slice
+    size is a multiple of the views per class (checked by the harness).
+    """
+
+    def __init__(self, sampler: _Sampler, rank: int, world_size: int) -> None:
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for batch in self.sampler:
+            share = batch.shape[0] // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+    @property
+    def batches_served(self) -> int:
+        return self.sampler.batches_served
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)

@@ -15,7 +15,10 @@ Registered protocols:
 - ``lfw``, ``cfp_fp``, ``cfp_ff``, ``agedb_30``, ``calfw``, ``cplfw``, ``vgg2_fp``: insightface ``.bin``
   packs (:mod:`bench.eval.verification`);
 - ``ijbb``, ``ijbc``: IJB-B / IJB-C 1:1 and 1:N (:mod:`bench.eval.ijb`);
-- ``megaface``: MegaFace Challenge 1 identification and verification (:mod:`bench.eval.megaface`).
+- ``megaface``: MegaFace Challenge 1 identification and verification (:mod:`bench.eval.megaface`);
+- ``synth-tail``: the long-tail diagnostic, rank-1 of held-out images of training identities per bucket of
+  training images per identity (:mod:`bench.eval.synth_tail`). It declares ``needs_trainset = True``, so
+  :func:`build_protocol` hands it the run's training set.
 
 Real benchmark files cannot be downloaded by FaceBench (their licences require the user to obtain
 them). :func:`locate_benchmark` finds them: ``$FACEBENCH_<NAME>`` (``FACEBENCH_LFW``, ``FACEBENCH_IJBC``,
@@ -56,6 +59,15 @@ class EvalProtocol(_Protocol):
 
 
 PROTOCOLS: Registry[type[EvalProtocol]] = Registry("protocol")
+
+
+def build_protocol(name: str, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
+                   trainset: Any = None) -> EvalProtocol:
+    """Protocol ``name``, given the training set when its class declares ``needs_trainset = True``."""
+    cls = PROTOCOLS.get(name)
+    if getattr(cls, "needs_trainset", False):
+        return cls(data, progress, options=options, trainset=trainset)
+    return cls(data, progress, options=options)
 
 
 def eval_input_size(data: DataSettings) -> int:
@@ -135,3 +147,4 @@ def features_file(path: Path, rows: int, what: str) -> np.ndarray:
 from bench.eval import verification  # noqa: E402,F401  (registers synth-lfw and the .bin packs)
 from bench.eval import ijb  # noqa: E402,F401  (registers synth-ijbc, ijbb, ijbc)
 from bench.eval import megaface  # noqa: E402,F401  (registers synth-megaface, megaface)
+from bench.eval import synth_tail  # noqa: E402,F401  (registers synth-tail)

@@ -50,9 +50,12 @@ from bench.eval.metrics import (
     OpenSetScores,
     cmc_from_scores,
     concat_open_set,
+    compact_roc,
     open_set_scores,
-    tar_at_far,
+    read_tar,
+    roc,
     tpir_from_scores,
+    validate_rates,
 )
 
 #: TAR@FAR targets of eval_ijbc.py.
@@ -361,10 +364,12 @@ def read_ijb(root: Path, target: str) -> IJBMeta:
 def verification_11(meta: IJBMeta, template_ids: np.ndarray, features: np.ndarray,
                     read_off: str = "nearest") -> dict[str, Any]:
     scores = score_pairs(template_ids, features, meta.t1, meta.t2)
-    tars = tar_at_far(scores, meta.pair_labels, IJB_FARS, mode=read_off)
+    fpr, tpr, _ = roc(scores, meta.pair_labels)  # once, for the read-offs and the compact ROC
+    tars = {far: read_tar(fpr, tpr, far, read_off) for far in validate_rates(IJB_FARS)}
     genuine = int(np.count_nonzero(meta.pair_labels))
     return {"tar_at_far": {f"{far:g}": tar for far, tar in tars.items()}, "num_pairs": int(scores.shape[0]),
-            "num_genuine": genuine, "num_impostor": int(scores.shape[0]) - genuine}
+            "num_genuine": genuine, "num_impostor": int(scores.shape[0]) - genuine,
+            "roc": compact_roc(fpr, tpr, int(scores.shape[0]) - genuine)}
 
 
 def _lookup(template_ids: np.ndarray, features: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ Verification (pairs: a score or distance and a same/different label):
   for each fold the first threshold of best accuracy on the other 9 folds is applied to the held-out
   fold; reported: mean and population standard deviation (``np.std``) of the 10 held-out accuracies.
 - :func:`roc`: scikit-learn's ``roc_curve`` (higher score = "same").
+- :func:`compact_roc`: that ROC on a log-FAR grid of at most 100 points (stored in ``metrics.json``).
 - :func:`tar_at_far`: TAR at target FARs read off that ROC. ``mode="nearest"`` is insightface's
   eval_ijbc read-off: the ROC point whose FPR is nearest the target, ties going to the larger TPR.
   ``mode="at_most"`` is the stricter largest TPR with FPR <= target.
@@ -128,6 +129,26 @@ def read_tar(fpr: np.ndarray, tpr: np.ndarray, far: float, mode: str = "nearest"
         return float(tpr_desc[int(np.argmin(np.abs(fpr_desc - far)))])
     allowed = fpr <= far
     return float(tpr[allowed].max()) if allowed.any() else 0.0
+
+
+#: Points of the compact ROC stored in metrics.json (``bench report`` draws the ROC figures from it).
+COMPACT_ROC_POINTS = 100
+
+
+def compact_roc(fpr: np.ndarray, tpr: np.ndarray, num_impostor: int,
+                points: int = COMPACT_ROC_POINTS) -> dict[str, object]:
+    """The ROC on a log-spaced FAR grid from ``1 / num_impostor`` (the smallest FAR the pairs resolve) to 1.
+
+    At each grid FAR the TAR is the largest TPR with FPR <= FAR (the ROC is a step function between its
+    points); at most ``points`` points (duplicates of the smallest FARs dropped), 6 significant digits.
+    """
+    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+    lowest = 1.0 / max(int(num_impostor), 1)
+    grid = np.unique(np.geomspace(lowest, 1.0, num=max(int(points), 2)))
+    last = np.searchsorted(fpr, grid, side="right") - 1  # fpr is non-decreasing along the curve
+    tar = np.where(last >= 0, tpr[np.clip(last, 0, None)], 0.0)
+    return {"far": [float(f"{v:.6g}") for v in grid], "tar": [float(f"{v:.6g}") for v in tar],
+            "rule": "log-spaced FAR grid from 1/impostors to 1; TAR = largest TPR with FPR <= FAR"}
 
 
 def tar_at_far(scores: np.ndarray, labels: np.ndarray, fars: Sequence[float],

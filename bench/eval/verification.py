@@ -40,7 +40,7 @@ from bench.errors import DataError
 from bench.eval import PROTOCOLS, eval_input_size, features_file, locate_benchmark
 from bench.eval.features import extract_features, l2_normalise
 from bench.eval.images import decode_array, encode_jpeg, encode_png, resize_images
-from bench.eval.metrics import kfold_accuracy, tar_at_far
+from bench.eval.metrics import compact_roc, kfold_accuracy, roc, tar_at_far
 
 #: Target FARs reported for pair verification (6,000 pairs resolve FAR down to about 1e-3).
 VERIFICATION_FARS = (1e-3, 1e-2)
@@ -76,12 +76,15 @@ def verification_metrics(features: np.ndarray, issame: np.ndarray, fars: tuple[f
     left, right = embeddings[0::2], embeddings[1::2]
     dist = np.sum((left - right) ** 2, axis=1)
     folds = kfold_accuracy(dist, issame)
-    tars = tar_at_far(1.0 - dist / 2.0, issame, fars, mode=read_off)
+    similarity = 1.0 - dist / 2.0
+    tars = tar_at_far(similarity, issame, fars, mode=read_off)
+    fpr, tpr, _ = roc(similarity, issame)
     return {
         "accuracy": folds.mean, "accuracy_std": folds.std,
         "fold_accuracies": folds.fold_accuracies.tolist(), "fold_thresholds": folds.fold_thresholds.tolist(),
         "tar_at_far": {f"{far:g}": tar for far, tar in tars.items()},
         "num_pairs": int(dist.shape[0]), "num_genuine": int(np.count_nonzero(issame)),
+        "roc": compact_roc(fpr, tpr, int(np.count_nonzero(~issame.astype(bool)))),
         "conventions": {**CONVENTIONS, "embedding": embedding_text(flip), "tar_read_off": READ_OFF_TEXT[read_off]},
     }
 

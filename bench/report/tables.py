@@ -1,17 +1,29 @@
-"""Results tables from run records: pandas for shaping, tabulate for Markdown and LaTeX (booktabs).
+"""Results tables from run records: pandas for shaping, Markdown (tabulate) and LaTeX (booktabs).
 
-One row per (dataset, split, backbone, budget, method): the newest complete run of that combination.
-Columns: each protocol's headline metrics (synth-lfw / LFW-family accuracy and TAR@FAR; for IJB and
-MegaFace the entries of their ``summary``: TAR@FAR 1e-4 and 1e-5, 1:N rank-1, MegaFace rank-1 at the largest
-distractor size), throughput and peak memory, all traceable to the records.
+Which runs a table shows. A *configuration key* is (dataset, split, backbone, budget, method). For each
+key the newest complete run decides the configuration (its hash over everything in ``config.yaml`` except
+the seed and where or how the run was executed); every run of that key with that configuration hash is
+kept, the newest one per seed; the row is their mean over seeds, with the standard deviation over seeds
+(sample std, ``ddof=1``) and the number of seeds ``n``. With one seed, the ``±`` of an accuracy is the
+population std over its 10 folds (the insightface protocol) instead.
+
+Columns: each protocol's headline metrics (synth-lfw / LFW-family accuracy and TAR@FAR; IJB, MegaFace
+and synth-tail give theirs in ``summary``: TAR@FAR 1e-4 and 1e-5, 1:N rank-1, MegaFace rank-1, long-tail
+rank-1 per bucket), throughput, peak memory and training time. Within each group of rows that differ only
+in the method, the best value of every column is bold (higher is better, except memory and time).
+Every table carries a provenance line: git commit, configuration hash, device and date of its runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -19,11 +31,40 @@ from bench.records import atomic_write_text, iter_records
 
 #: Columns identifying a comparable configuration; rows differing only in ``method`` compare methods.
 KEY_COLUMNS = ["dataset", "split", "backbone", "budget", "method"]
+#: Rows sharing these columns are compared with each other (best value bold).
+GROUP_COLUMNS = KEY_COLUMNS[:-1]
+COST_COLUMNS = ["img/s", "peak MiB", "train s"]
+#: Columns where smaller is better.
+LOWER_IS_BETTER = {"peak MiB", "train s"}
+#: Configuration entries that do not change a row's results: the seed (aggregated over), the run's identity,
+#: the other methods of its run, where files are, devices and thread counts, logging.
+_NOT_CONFIGURATION = {"run_id", "group", "config_fingerprint", "out", "steps", "methods"}
+_NOT_CONFIGURATION_TRAIN = {"seed", "device", "log_every", "threads"}
+_NOT_CONFIGURATION_DATA = {"root", "path", "workers"}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Hash of a run's configuration without its seed and execution details (8 hex digits)."""
+    payload = {k: v for k, v in config.items() if k not in _NOT_CONFIGURATION}
+    if isinstance(payload.get("train"), dict):
+        payload["train"] = {k: v for k, v in payload["train"].items() if k not in _NOT_CONFIGURATION_TRAIN}
+    if isinstance(payload.get("data"), dict):
+        payload["data"] = {k: v for k, v in payload["data"].items() if k not in _NOT_CONFIGURATION_DATA}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _device_text(env: dict[str, Any]) -> str | None:
+    device = env.get("device")
+    if device is None:
+        return None
+    detail = env.get("gpu") or env.get("cpu")
+    return f"{device} ({detail})" if detail else str(device)
 
 
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     """Flatten one run record into a table row."""
     config, perf, metrics = record["config"] or {}, record["perf"] or {}, record["metrics"] or {}
+    env = record.get("env") or {}
     row: dict[str, Any] = {
         "run_id": record["run_id"],
         "dataset": config.get("data", {}).get("dataset"),
@@ -32,6 +73,11 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         "budget": config.get("train", {}).get("budget"),
         "method": config.get("method"),
         "seed": config.get("train", {}).get("seed"),
+        "config": config_hash(config),
+        "group": config.get("group"),
+        "commit": env.get("git_commit"),
+        "device": _device_text(env),
+        "date": env.get("date"),
         "img/s": perf.get("throughput_img_s"),
         "peak MiB": (perf.get("peak_memory_bytes") or 0) / 2**20,
         "train s": perf.get("train_wall_time_s"),
@@ -40,7 +86,7 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(values, dict):
             continue
         if isinstance(values.get("summary"), dict):
-            # protocols with many numbers (IJB, MegaFace) name their headline metrics in "summary"
+            # protocols with many numbers (IJB, MegaFace, synth-tail) name their headline metrics in "summary"
             for name, value in values["summary"].items():
                 row[f"{protocol} {name}"] = value
             continue
@@ -52,18 +98,74 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def is_run_record(record: dict[str, Any]) -> bool:
+    """Training runs (``bench run``); ``bench profile`` records say ``kind: profile`` in their config."""
+    return (record.get("config") or {}).get("kind", "run") == "run"
+
+
 def results_frame(results_dir: Path) -> pd.DataFrame:
-    """Every complete run under ``results_dir``, one row each, oldest first."""
-    rows = [record_row(r) for r in iter_records(results_dir)]
+    """Every complete training run under ``results_dir``, one row each, oldest first."""
+    rows = [record_row(r) for r in iter_records(results_dir) if is_run_record(r)]
+    return pd.DataFrame(rows)
+
+
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    """The quality metrics among ``frame``'s columns (accuracies, TAR@FAR, rank-N), in column order."""
+    return [c for c in frame.columns
+            if (" acc" in c and not c.endswith((" acc std", " sd"))) or ("TAR@" in c and not c.endswith(" sd"))
+            or (" rank-" in c and not c.endswith(" sd"))]
+
+
+def select_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs a table aggregates: per key, the newest run's configuration, newest run per seed."""
+    if frame.empty:
+        return frame
+    frame = frame.sort_values("run_id")
+    newest = frame.groupby(KEY_COLUMNS, dropna=False, sort=False)["config"].transform("last")
+    kept = frame[frame["config"] == newest]
+    kept = kept.drop_duplicates(subset=KEY_COLUMNS + ["seed"], keep="last")
+    return kept.reset_index(drop=True)
+
+
+def _join(values: pd.Series) -> str:
+    unique = sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
+    return ", ".join(unique)
+
+
+def aggregate(selected: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration key: mean over seeds, ``<column> sd`` (std over seeds, NaN for one seed),
+    ``seeds`` (n), and the provenance of the runs (run ids, commits, configs, devices, dates)."""
+    if selected.empty:
+        return selected
+    metrics = metric_columns(selected)
+    numeric = metrics + [c for c in selected.columns if c.endswith(" acc std")] + COST_COLUMNS
+    rows = []
+    for key, runs in selected.groupby(KEY_COLUMNS, dropna=False, sort=True):
+        row: dict[str, Any] = dict(zip(KEY_COLUMNS, key))
+        row["seeds"] = len(runs)
+        row["seed list"] = ",".join(str(s) for s in sorted(runs["seed"].dropna().astype(int)))
+        for column in numeric:
+            values = pd.to_numeric(runs[column], errors="coerce").dropna() if column in runs else pd.Series([], dtype=float)
+            row[column] = float(values.mean()) if len(values) else np.nan
+            if column in metrics or column in COST_COLUMNS:
+                row[f"{column} sd"] = float(values.std(ddof=1)) if len(values) >= 2 else np.nan
+        for column in ("run_id", "commit", "config", "device", "group"):
+            row[column] = _join(runs[column]) if column in runs else ""
+        dates = sorted(d for d in runs.get("date", pd.Series([], dtype=object)) if isinstance(d, str))
+        row["date"] = dates[-1] if dates else ""
+        row["date first"] = dates[0] if dates else ""
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
 def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest run per configuration key (run ids sort by start time)."""
-    if frame.empty:
-        return frame
-    latest = frame.sort_values("run_id").groupby(KEY_COLUMNS, dropna=False, sort=False).tail(1)
-    return latest.sort_values(KEY_COLUMNS).reset_index(drop=True)
+    """The table's rows: :func:`aggregate` of :func:`select_runs`."""
+    return aggregate(select_runs(frame))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Display
+# ----------------------------------------------------------------------------------------------------
 
 
 def _header(column: str) -> str:
@@ -73,53 +175,159 @@ def _header(column: str) -> str:
     return re.sub(r" (rank-\d+)", r" \1 (%)", column)
 
 
-def _display(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted cells: accuracies as mean +- std in percent, TARs in percent."""
-    metric_columns = [c for c in frame.columns
-                      if " acc" in c and not c.endswith(" acc std") or "TAR@" in c or " rank-" in c]
-    headers = KEY_COLUMNS + [_header(c) for c in metric_columns]
-    headers += ["img/s", "peak MiB", "train s"]
-    cells = []
-    for _, row in frame.iterrows():
-        line = [str(row[c]) for c in KEY_COLUMNS]
-        for column in metric_columns:
-            value = row[column]
-            if pd.isna(value):
-                line.append("")
-            elif column.endswith(" acc"):
-                line.append(f"{100 * value:.2f} ± {100 * row[column + ' std']:.2f}")
-            else:
-                line.append(f"{100 * value:.2f}")
-        line += [f"{row['img/s']:.0f}", f"{row['peak MiB']:.0f}", f"{row['train s']:.0f}"]
-        cells.append(line)
-    return headers, cells
+def _cell(row: pd.Series, column: str) -> tuple[str, float | None]:
+    """The displayed text of one metric or cost cell, and the rounded value used to find the best."""
+    value = row.get(column)
+    if value is None or pd.isna(value):
+        return "", None
+    seed_sd = row.get(f"{column} sd")
+    if column in COST_COLUMNS:
+        return f"{value:.0f}", round(float(value))
+    shown = round(100 * float(value), 2)
+    if seed_sd is not None and not pd.isna(seed_sd):
+        return f"{shown:.2f} ± {100 * seed_sd:.2f}", shown
+    fold_sd = row.get(f"{column} std") if column.endswith(" acc") else None
+    if fold_sd is not None and not pd.isna(fold_sd):
+        return f"{shown:.2f} ± {100 * fold_sd:.2f}", shown
+    return f"{shown:.2f}", shown
+
+
+def _best_mask(frame: pd.DataFrame, column: str, values: list[float | None]) -> list[bool]:
+    """Which rows hold the best value of ``column`` within their group (only groups of 2 rows or more)."""
+    best = [False] * len(values)
+    positions = {index: i for i, index in enumerate(frame.index)}
+    for _, group in frame.groupby(GROUP_COLUMNS, dropna=False, sort=False):
+        members = [positions[i] for i in group.index if values[positions[i]] is not None]
+        if len(group) < 2 or not members:
+            continue
+        pick = min if column in LOWER_IS_BETTER else max
+        target = pick(values[i] for i in members)
+        if all(values[i] == target for i in members):
+            continue  # a tie of every row marks nothing
+        for i in members:
+            best[i] = values[i] == target
+    return best
+
+
+def display_table(frame: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]]], list[str]]:
+    """Headers, cells as (text, is_best), and the internal column name of each displayed column."""
+    metrics = metric_columns(frame)
+    columns = KEY_COLUMNS + ["seeds"] + metrics + COST_COLUMNS
+    headers = KEY_COLUMNS + ["n"] + [_header(c) for c in metrics] + COST_COLUMNS
+    cells: list[list[tuple[str, bool]]] = [[(str(row[c]), False) for c in KEY_COLUMNS] + [(str(row["seeds"]), False)]
+                                           for _, row in frame.iterrows()]
+    for column in metrics + COST_COLUMNS:
+        shown = [_cell(row, column) for _, row in frame.iterrows()]
+        best = _best_mask(frame, column, [value for _, value in shown])
+        for line, (text, _), is_best in zip(cells, shown, best):
+            line.append((text, is_best))
+    return headers, cells, columns
+
+
+def _short_commit(commit: str) -> str:
+    dirty = commit.endswith("+dirty")
+    return commit[:12] + ("+dirty" if dirty else "")
+
+
+def provenance(frame: pd.DataFrame) -> str:
+    """One line: git commit(s), configuration hash(es), device(s) and the dates of the runs behind ``frame``."""
+    if frame.empty:
+        return "Provenance: no runs."
+
+    def distinct(column: str) -> list[str]:
+        items: set[str] = set()
+        for value in frame.get(column, pd.Series([], dtype=object)):
+            items.update(part.strip() for part in str(value).split(", ") if part.strip() and part != "nan")
+        return sorted(items)
+
+    commits = [_short_commit(c) for c in distinct("commit")] or ["unknown"]
+    dates = sorted(d for column in ("date first", "date") for d in frame.get(column, []) if isinstance(d, str) and d)
+    when = dates[0][:16].replace("T", " ") if dates else "unknown"
+    if dates and dates[-1][:16] != dates[0][:16]:
+        when += f" to {dates[-1][:16].replace('T', ' ')}"
+    return (f"Provenance: git commit {', '.join(commits)}; config hash {', '.join(distinct('config')) or 'unknown'}; "
+            f"device {', '.join(distinct('device')) or 'unknown'}; date {when}.")
+
+
+def _as_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame if "seeds" in frame.columns or frame.empty else summary_frame(frame)
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    headers, cells = _display(frame)
-    return tabulate(cells, headers=headers, tablefmt="pipe", disable_numparse=True)
+    """A Markdown (pipe) table of :func:`summary_frame` rows (raw runs are aggregated first)."""
+    frame = _as_summary(frame)
+    if frame.empty:
+        return "(no complete runs)"
+    headers, cells, _ = display_table(frame)
+    text = [[f"**{t}**" if best and t else t for t, best in line] for line in cells]
+    return tabulate(text, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
-def to_latex(frame: pd.DataFrame) -> str:
-    headers, cells = _display(frame)
-    return tabulate(cells, headers=headers, tablefmt="latex_booktabs", disable_numparse=True)
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
-def write_report(results_dir: Path, out_dir: Path) -> list[Path]:
-    """Write ``results.md`` and ``results.tex`` under ``out_dir``; returns their paths."""
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return out.replace("±", r"$\pm$")
+
+
+def to_latex(frame: pd.DataFrame, caption_line: str | None = None) -> str:
+    """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``); best values in ``\\textbf``."""
+    frame = _as_summary(frame)
+    if frame.empty:
+        return "% no complete runs\n"
+    headers, cells, _ = display_table(frame)
+    align = "l" * (len(KEY_COLUMNS)) + "r" * (len(headers) - len(KEY_COLUMNS))
+    lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule",
+             " & ".join(latex_escape(h) for h in headers) + " \\\\", "\\midrule"]
+    for line in cells:
+        lines.append(" & ".join(f"\\textbf{{{latex_escape(t)}}}" if best and t else latex_escape(t)
+                                for t, best in line) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if caption_line:
+        lines.insert(0, "% " + caption_line)
+    return "\n".join(lines) + "\n"
+
+
+TABLE_NOTE = ("Newest configuration per (dataset, split, backbone, budget, method); n = seeds. Metrics: mean ± std "
+              "over seeds (sample std); with n = 1, the ± of an accuracy is the population std over its 10 folds "
+              "(insightface protocol). Bold: best in its group of rows that differ only in the method. Peak "
+              "memory: CUDA max allocated, or process peak RSS on CPU.")
+
+
+def write_report(results_dir: Path, out_dir: Path, figures: bool = True) -> list[Path]:
+    """Write ``results.md`` and ``results.tex`` (and the figures under ``figures/``); returns their paths."""
+    from bench.report.profile_table import profile_section
+
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
     summary = summary_frame(results_frame(results_dir))
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md, tex = out_dir / "results.md", out_dir / "results.tex"
-    if summary.empty:
+    drawn = []
+    if figures:
+        from bench.report.figures import write_figures
+
+        drawn = write_figures(results_dir, out_dir / "figures")
+    profile_md, profile_tex = profile_section(results_dir)
+    if summary.empty and not profile_md:
         body = f"No complete runs under `{results_dir}` yet: run `bench run` first.\n"
         atomic_write_text(md, "# FaceBench results\n\n" + body)
         atomic_write_text(tex, "% " + body)
         return [md, tex]
-    note = (f"Newest complete run per configuration from `{results_dir}` ({len(summary)} rows). "
-            "Accuracy: mean ± population std over 10 folds (insightface protocol). "
-            "Peak memory: CUDA max allocated, or process peak RSS on CPU.\n")
-    atomic_write_text(md, "# FaceBench results\n\n" + note + "\n" + to_markdown(summary) + "\n")
-    atomic_write_text(tex, "% FaceBench results, generated by `bench report`; needs \\usepackage{booktabs}\n"
-                      + to_latex(summary) + "\n")
-    return [md, tex]
+    parts = ["# FaceBench results\n", f"Generated by `bench report` from `{results_dir}`.\n"]
+    tex_parts = ["% FaceBench results, generated by `bench report`; needs \\usepackage{booktabs}\n"]
+    if not summary.empty:
+        parts += ["## Results\n", TABLE_NOTE + "\n", provenance(summary) + "\n", to_markdown(summary) + "\n"]
+        tex_parts.append(to_latex(summary, provenance(summary)))
+    if profile_md:
+        parts.append(profile_md)
+        tex_parts.append("\n" + profile_tex)
+    if drawn:
+        parts.append("## Figures\n")
+        for figure in drawn:
+            parts.append(f"![{figure.name}](figures/{figure.png.name})\n\n*{figure.caption}* "
+                         f"([PDF](figures/{figure.pdf.name}))\n")
+    atomic_write_text(md, "\n".join(parts))
+    atomic_write_text(tex, "".join(tex_parts))
+    return [md, tex, *(path for figure in drawn for path in (figure.png, figure.pdf))]

@@ -17,7 +17,7 @@ import torch
 from bench.backbones import build_backbone
 from bench.config import TrainSettings
 from bench.data.datasets import TrainSet
-from bench.data.loader import BatchLoader, normalise, random_flip
+from bench.data.loader import BatchLoader, flip_images, flip_mask, normalise
 from bench.data.sampler import RandomBatchSampler
 from bench.train import Trainer, lr_factor
 from methods.base import build_method
@@ -55,10 +55,9 @@ def _bare_run(trainset: TrainSet, settings: TrainSettings) -> torch.nn.Module:
     warmup = int(settings.warmup_fraction * STEPS)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, STEPS, settings.lr_power))
     sampler = RandomBatchSampler(len(trainset), BATCH, seed=0)
-    generator = torch.Generator().manual_seed(0)
     for step in range(STEPS):
         index = torch.as_tensor(sampler.batch(step))
-        images = normalise(random_flip(trainset.images[index], generator))
+        images = normalise(flip_images(trainset.images[index], flip_mask(0, step, BATCH)))
         loss = method.head(method.backbone(images), trainset.labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

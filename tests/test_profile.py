@@ -1,0 +1,204 @@
+"""`bench profile` at toy sizes, run through the CLI: the record it writes, the memory budget, the class-count
+parser and its errors, and `bench report` drawing the profile table and figure from the record.
+
+Shows: the record is ``<stamp>-profile-cpu-<rand>/`` with ``config.yaml`` (``kind: profile`` and the
+settings) and ``metrics.json`` holding one ``head-profile`` row per case x class count, in order, each
+``ok`` with a positive step time and step / floor; ``logit_columns`` equals the closed form of each case
+(full FC ``C``; Partial FC ``max(ceil(r C), B)``; DCQ ``max(G, floor(0.1 C) // G * G)``; Prototype Memory
+``min(C, 16384)``; SST ``max(G, min(16384, C // 2) // G * G)``; ``G = B / 2``), and agrees with the sizes the
+methods themselves derive; a budget between two cases' estimates runs the smaller and reports the larger
+``over budget`` without running it; ``10k,1.5M`` parses to 10,000 and 1,500,000 and bad input is one
+``error:`` line with exit 2. Toy sizes (B = 16, D = 32, one timed step); the file takes about 10-20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from bench.cli import app
+from bench.profile import CASES, parse_counts
+from bench.profiling import resident_bytes
+from methods.registry import ConfigError
+
+runner = CliRunner()
+
+CLASSES = (100, 1_000, 4_000)
+BATCH, DIM = 16, 32
+G = BATCH // 2
+CASE_NAMES = ("arcface", "pfc-0.1", "pfc-0.2", "dcq", "pm", "sst")
+
+
+def expected_columns(case: str, classes: int) -> int:
+    """Rows each case's logits are computed against, written out from the method papers' / code's rules."""
+    if case == "arcface":
+        return classes                                              # every class center
+    if case.startswith("pfc-"):
+        rate = float(case.split("-")[1])
+        return max(math.ceil(rate * classes), BATCH)                # sampled centers, at least the positives
+    if case == "dcq":
+        return max(G, int(0.1 * classes) // G * G)                  # 10 % of the classes, whole batches of G
+    if case == "pm":
+        return min(classes, 16_384)                                 # one prototype per class, capped
+    if case == "sst":
+        return max(G, min(16_384, classes // 2) // G * G)           # paper queue, at most half the classes
+    raise AssertionError(case)
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    out = tmp_path_factory.mktemp("profile") / "results"
+    result = runner.invoke(app, ["profile", "--classes", "100,1k,4k", "--methods", ",".join(CASE_NAMES),
+                                 "--batch-size", str(BATCH), "--embedding-size", str(DIM), "--steps", "1",
+                                 "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = list(out.iterdir())
+    assert len(records) == 1
+    return records[0], result
+
+
+def _metrics(record: Path) -> list[dict[str, Any]]:
+    return json.loads((record / "metrics.json").read_text())["head-profile"]["rows"]
+
+
+def test_record_config_and_files(profiled: tuple[Path, Any]) -> None:
+    record, _ = profiled
+    assert record.name.split("-")[2:4] == ["profile", "cpu"]
+    assert {p.name for p in record.iterdir()} >= {"config.yaml", "env.json", "perf.json", "metrics.json"}
+    config = yaml.safe_load((record / "config.yaml").read_text())
+    assert config["kind"] == "profile" and config["run_id"] == record.name
+    assert config["classes"] == list(CLASSES) and config["cases"] == list(CASE_NAMES)
+    assert (config["batch_size"], config["embedding_size"], config["steps"], config["device"]) == (BATCH, DIM, 1, "cpu")
+    assert config["sgd"] == {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def test_one_ok_row_per_case_and_class_count(profiled: tuple[Path, Any]) -> None:
+    record, _ = profiled
+    rows = _metrics(record)
+    assert [(r["method"], r["classes"]) for r in rows] == [(c, n) for c in CASE_NAMES for n in CLASSES]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["step_ms"] > 0 and row["floor_ms"] > 0 and row["step_over_floor"] > 0
+        assert row["step_over_floor"] == pytest.approx(row["step_ms"] / row["floor_ms"])
+        assert row["img_s"] == pytest.approx(1000.0 * BATCH / row["step_ms"])
+        assert row["peak_bytes"] > 0 and row["estimate_bytes"] > 0
+
+
+def test_logit_columns_match_the_closed_form(profiled: tuple[Path, Any]) -> None:
+    rows = {(r["method"], r["classes"]): r for r in _metrics(profiled[0])}
+    hand = {  # the formula evaluated by hand at B = 16, G = 8
+        ("arcface", 100): 100, ("pfc-0.1", 100): 16, ("pfc-0.1", 1_000): 100, ("pfc-0.2", 100): 20,
+        ("pfc-0.2", 4_000): 800, ("dcq", 100): 8, ("dcq", 1_000): 96, ("dcq", 4_000): 400,
+        ("pm", 4_000): 4_000, ("sst", 100): 48, ("sst", 1_000): 496, ("sst", 4_000): 2_000,
+    }
+    for key, columns in hand.items():
+        assert expected_columns(*key) == columns
+    for (case, classes), row in rows.items():
+        assert row["logit_columns"] == expected_columns(case, classes), (case, classes)
+
+
+def test_gemm_flop_is_three_products_for_the_center_heads(profiled: tuple[Path, Any]) -> None:
+    rows = {(r["method"], r["classes"]): r for r in _metrics(profiled[0])}
+    for case in ("arcface", "pfc-0.1", "pfc-0.2"):
+        for classes in CLASSES:
+            k = expected_columns(case, classes)
+            # logits [B, D] @ [D, K], gradient w.r.t. embeddings and w.r.t. the K centers: 3 x 2 B K D
+            assert rows[case, classes]["gemm_flop"] == 3 * 2 * BATCH * k * DIM
+
+
+def test_queue_sizes_agree_with_the_methods_own_derivation() -> None:
+    from torch import nn
+
+    from methods.dcq import DCQ
+    from methods.prototype_memory import PrototypeMemory
+    from methods.sst import SST
+
+    for classes in CLASSES:
+        dcq = DCQ.from_config(nn.Identity(), classes, DIM, {"queue_fraction": 0.1})
+        assert dcq.derived_queue_size(BATCH) == expected_columns("dcq", classes)
+        sst = SST.from_config(nn.Identity(), classes, DIM)
+        assert sst.derived_queue_size(BATCH) == expected_columns("sst", classes)
+        memory = PrototypeMemory.from_config(nn.Identity(), classes, DIM).memory
+        assert memory.capacity == expected_columns("pm", classes)
+
+
+def test_command_prints_the_table(profiled: tuple[Path, Any]) -> None:
+    _, result = profiled
+    header = [c.strip() for c in result.stdout.splitlines()[0].strip("|").split("|")]
+    assert header == ["method", "classes", "logit columns", "step ms", "img/s", "peak GiB", "estimate GiB",
+                      "floor ms", "step / floor", "status"]
+    assert len(result.stdout.strip().splitlines()) == 2 + len(CASE_NAMES) * len(CLASSES)
+    assert "record " in result.stderr and "pfc-0.1" in result.stderr
+
+
+def test_memory_budget_between_estimates_skips_the_larger_case(tmp_path: Path) -> None:
+    classes, cpu = 1_000_000, torch.device("cpu")
+    full = CASES.get("arcface")(classes, BATCH, DIM, cpu).estimate_bytes()
+    partial = CASES.get("pfc-0.1")(classes, BATCH, DIM, cpu).estimate_bytes()
+    # by hand: full FC 4 C D + 3 B C floats; PFC 2 C D + 4 K D + 3 B K floats + 3 C int64, K = 100,000
+    assert full == 4 * (4 * classes * DIM + 3 * BATCH * classes) == 704_000_000
+    assert partial == 4 * (2 * classes * DIM + 4 * 100_000 * DIM + 3 * BATCH * 100_000) + 24 * classes == 350_400_000
+    # the budget covers what the process holds plus the midpoint of the two estimates
+    budget = resident_bytes() + (full + partial) // 2
+    result = runner.invoke(app, ["profile", "--classes", "1M", "--methods", "arcface,pfc-0.1", "--batch-size",
+                                 str(BATCH), "--embedding-size", str(DIM), "--steps", "1", "--device", "cpu",
+                                 "--memory-budget-gb", str(budget / 2**30), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    (record,) = tmp_path.iterdir()
+    over, ran = _metrics(record)
+    assert over["method"] == "arcface" and over["status"] == "over budget"
+    assert over["estimate_bytes"] > budget and "step_ms" not in over
+    assert ran["method"] == "pfc-0.1" and ran["status"] == "ok" and ran["estimate_bytes"] <= budget
+    assert ran["logit_columns"] == 100_000 and ran["step_ms"] > 0
+    line = next(line for line in result.stdout.splitlines() if line.startswith("| arcface"))
+    assert line.rstrip().endswith("over budget |")
+
+
+def test_parse_counts() -> None:
+    assert parse_counts("10k,1.5M") == [10_000, 1_500_000]
+    assert parse_counts(" 2, 300K ,1m,") == [2, 300_000, 1_000_000]
+    for bad, message in (("abc", "expected numbers like 10k,100k,1M, got 'abc'"), ("1", "need at least 2 classes"),
+                         (",", "give at least one class count"), ("1e6", "got '1e6'"), ("-5k", "got '-5k'")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            parse_counts(bad)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--classes", "abc"], "error: --classes: expected numbers like 10k,100k,1M, got 'abc'"),
+    (["--methods", "arcface,nope"],
+     "error: unknown profile case 'nope'; valid: arcface, dcq, pfc-0.1, pfc-0.2, pm, sst"),
+    (["--batch-size", "15"], "error: --batch-size must be even and >= 4 (two views per identity), got 15"),
+    (["--steps", "0"], "error: --steps must be >= 1, got 0"),
+    (["--memory-budget-gb", "0"], "error: --memory-budget-gb must be > 0, got 0.0"),
+])
+def test_bad_input_is_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["profile", "--classes", "100", "--device", "cpu", "--out", str(tmp_path / "r"),
+                                 *args])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == message
+    assert not (tmp_path / "r").exists()  # nothing is written before the settings are valid
+
+
+def test_report_draws_the_profile_table_and_figure(profiled: tuple[Path, Any], tmp_path: Path) -> None:
+    record, _ = profiled
+    out = tmp_path / "reports"
+    result = runner.invoke(app, ["report", "--results", str(record.parent), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    md = (out / "results.md").read_text()
+    assert "## Head cost vs classes (cpu, batch 16, embedding 32, memory budget 16.0 GiB)" in md
+    assert f"record {record.name}" in md
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in table[0].strip("|").split("|")][:3] == ["method", "classes", "logit columns"]
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:3]) for line in table[1:]}
+    assert ("pfc-0.1", "4,000", "400") in rows and ("sst", "1,000", "496") in rows and ("arcface", "100", "100") in rows
+    png = out / "figures" / "profile-cpu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert "](figures/profile-cpu.png)" in md
+    assert "\\toprule" in (out / "results.tex").read_text()
