@@ -24,9 +24,7 @@ continues from old rank 0's stream.
 from __future__ import annotations
 
 import json
-import os
 import random
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ import torch
 
 from bench.distributed import all_gather_objects, broadcast_object
 from bench.errors import BenchError
-from bench.records import atomic_write_json
+from bench.records import atomic_write_json, atomic_write_with
 from methods.distributed import DistContext, class_shard
 
 MANIFEST = "checkpoint.json"
@@ -58,16 +56,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda handle: torch.save(obj, handle))
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -46,3 +46,21 @@ def tiny_args(tmp_path, tiny_eval):
     for item in TINY_SETS:
         args += ["--set", item]
     return args
+
+
+@pytest.fixture
+def one_thread():
+    """These models are tiny: one thread is faster, and robust to a loaded 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for the test (closed-form comparisons)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

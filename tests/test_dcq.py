@@ -3,7 +3,6 @@ writes and size rule, K-shot weights, encoders, exact resume. Also methods.momen
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -11,49 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.backbones import build_backbone
-from methods.base import build_method
 from methods.momentum import MomentumEncoder, momentum_update_
 from methods.registry import ConfigError
+from tests.method_helpers import IMAGE, NUM_CLASSES, assert_state_dict_resumes_identically, build_tiny, harness_sgd, train_steps, view_batch
 
-NUM_CLASSES, EMBEDDING, IMAGE = 12, 16, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and robust to a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(cfg=None, seed=0, num_classes=NUM_CLASSES):
-    torch.manual_seed(seed)
-    backbone = build_backbone("small", embedding_size=EMBEDDING, input_size=IMAGE)
-    return build_method("dcq", backbone, num_classes, EMBEDDING, cfg)
-
-
-def _batch(identities, views=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(identities).repeat_interleave(views)
-    return torch.randn(labels.shape[0], 3, IMAGE, IMAGE, generator=generator), labels
-
-
-def _train(method, optimizer, batches):
-    losses = []
-    for images, labels in batches:
-        optimizer.zero_grad(set_to_none=True)
-        out = method(images, labels)
-        out.loss.backward()
-        optimizer.step()
-        method.on_step_end()
-        losses.append(out.loss.item())
-    return losses
-
-
-def _sgd(method):
-    return torch.optim.SGD(method.param_groups(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return build_tiny("dcq", cfg, seed, num_classes)
 
 
 def _reference_loss(q_raw, k_raw, labels, rows, row_labels, s, m):
@@ -73,8 +40,8 @@ def test_loss_matches_the_equation_with_masked_queue():
     method = _build({"queue_size": 8})
     method.train()
     # Two steps fill the queue with real weights of identities 0-3 and 4-7.
-    _train(method, _sgd(method), [_batch([0, 1, 2, 3], seed=1), _batch([4, 5, 6, 7], seed=2)])
-    images, labels = _batch([1, 5, 8, 9], seed=3)  # 1 and 5 are in the queue: must be masked
+    train_steps(method, harness_sgd(method), [view_batch([0, 1, 2, 3], seed=1), view_batch([4, 5, 6, 7], seed=2)])
+    images, labels = view_batch([1, 5, 8, 9], seed=3)  # 1 and 5 are in the queue: must be masked
     rows, row_labels = method.queue.live()
     assert set(row_labels.tolist()) == set(range(8))
     with torch.no_grad():
@@ -87,8 +54,8 @@ def test_loss_matches_the_equation_with_masked_queue():
 
 def test_same_identity_queue_rows_never_score():
     method = _build({"queue_size": 8})
-    _train(method, _sgd(method), [_batch([0, 1, 2, 3], seed=1), _batch([4, 5, 6, 7], seed=2)])
-    images, labels = _batch([1, 5, 8, 9], seed=3)
+    train_steps(method, harness_sgd(method), [view_batch([0, 1, 2, 3], seed=1), view_batch([4, 5, 6, 7], seed=2)])
+    images, labels = view_batch([1, 5, 8, 9], seed=3)
     identity = labels[0::2]
     method.eval()  # deterministic embeddings for the comparisons below
     with torch.no_grad():
@@ -122,8 +89,8 @@ def test_same_identity_queue_rows_never_score():
 def test_momentum_update_formula_parameters_and_buffers():
     for rule in ("ema", "own"):
         method = _build({"momentum_buffers": rule, "momentum": 0.9})
-        optimizer = _sgd(method)
-        images, labels = _batch([0, 1, 2, 3])
+        optimizer = harness_sgd(method)
+        images, labels = view_batch([0, 1, 2, 3])
         method(images, labels).loss.backward()
         optimizer.step()
         generator, backbone = method.weight_generator.encoder, method.backbone
@@ -157,12 +124,12 @@ def test_momentum_update_primitives():
 
 def test_queue_receives_the_batch_weights_fifo():
     method = _build({"queue_size": 8})
-    optimizer = _sgd(method)
+    optimizer = harness_sgd(method)
     for step, identities in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]):
-        images, labels = _batch(identities, seed=step)
+        images, labels = view_batch(identities, seed=step)
         with torch.no_grad():
             expected = F.normalize(method.weight_generator(images[1::2]), dim=1)
-        _train(method, optimizer, [(images, labels)])
+        train_steps(method, optimizer, [(images, labels)])
         features, row_labels = method.queue.ordered()
         assert row_labels[-4:].tolist() == identities
         assert torch.allclose(features[-4:], expected, atol=1e-6)
@@ -183,7 +150,7 @@ def test_queue_size_rule():
 
 def test_k_shot_weight_is_the_mean_of_normalised_references():
     method = _build({"shots": 2}).eval()
-    images, labels = _batch([0, 1, 2], views=3)
+    images, labels = view_batch([0, 1, 2], views=3)
     grouped = images.view(3, 3, 3, IMAGE, IMAGE)
     weights = method.generate_weights(grouped[:, 1:])
     with torch.no_grad():
@@ -211,15 +178,6 @@ def test_batch_spec_encoders_and_config_errors():
 
 
 def test_resume_from_state_dict_continues_identically():
-    batches = [_batch(ids, seed=i) for i, ids in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
+    batches = [view_batch(ids, seed=i) for i, ids in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
                                                             [1, 3, 5, 7], [0, 2, 4, 6], [9, 8, 11, 10]])]
-    method = _build({"queue_size": 8})
-    optimizer = _sgd(method)
-    _train(method, optimizer, batches[:3])
-    resumed = _build({"queue_size": 8}, seed=99)  # nothing may come from its own initialisation
-    resumed.load_state_dict(method.state_dict())
-    resumed_optimizer = _sgd(resumed)
-    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # else buffers are shared
-    assert _train(method, optimizer, batches[3:]) == _train(resumed, resumed_optimizer, batches[3:])
-    for name, value in method.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert_state_dict_resumes_identically(lambda seed: _build({"queue_size": 8}, seed=seed), batches)

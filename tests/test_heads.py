@@ -20,12 +20,7 @@ from methods.npcface import NPCFace
 from methods.registry import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # every tensor float64 unless a test says otherwise
 
 
 def _unit(v):

@@ -13,13 +13,7 @@ from methods.registry import ConfigError
 
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Every tensor in this module is float64 unless a test says otherwise."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # every tensor float64 unless a test says otherwise
 
 
 def _angles(*degrees: float) -> torch.Tensor:

@@ -11,17 +11,11 @@ import torch.nn.functional as F
 from bench.backbones import build_backbone
 from methods.base import build_method
 from methods.registry import ConfigError
+from tests.method_helpers import EMBEDDING, IMAGE, NUM_CLASSES, harness_sgd, train_steps
 
-NUM_CLASSES, EMBEDDING, IMAGE = 12, 16, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and robust to a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name="masst", cfg=None, seed=0):
@@ -39,22 +33,6 @@ def _batches(count):
     return out
 
 
-def _sgd(method):
-    return torch.optim.SGD(method.param_groups(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-
-def _train(method, optimizer, batches):
-    losses = []
-    for images, labels in batches:
-        optimizer.zero_grad(set_to_none=True)
-        out = method(images, labels)
-        out.loss.backward()
-        optimizer.step()
-        method.on_step_end()
-        losses.append(out.loss.item())
-    return losses
-
-
 def _params(module):
     return [p.detach().clone() for p in module.parameters()]
 
@@ -62,20 +40,20 @@ def _params(module):
 def test_one_agent_is_sst_exactly():
     batches = _batches(6)
     sst, masst = _build("sst", {"queue_size": 8}), _build("masst", {"queue_size": 8, "num_agents": 1})
-    sst_losses = _train(sst, _sgd(sst), batches)
-    assert sst_losses == _train(masst, _sgd(masst), batches)
+    sst_losses = train_steps(sst, harness_sgd(sst), batches)
+    assert sst_losses == train_steps(masst, harness_sgd(masst), batches)
     sst_state, masst_state = sst.state_dict(), masst.state_dict()
     assert sst_state.keys() == masst_state.keys()
     for name, value in sst_state.items():
         assert torch.equal(value, masst_state[name]), name
     # With one agent every rotation and update rule is SST.
     other = _build("masst", {"queue_size": 8, "num_agents": 1, "rotation": "random", "update": "all"})
-    assert _train(other, _sgd(other), batches) == sst_losses
+    assert train_steps(other, harness_sgd(other), batches) == sst_losses
 
 
 def test_sequential_rotation_updates_only_the_active_agent():
     method = _build(cfg={"queue_size": 8, "num_agents": 3, "alpha": 0.5})
-    optimizer = _sgd(method)
+    optimizer = harness_sgd(method)
     for step, (images, labels) in enumerate(_batches(7)):
         active = step % 3
         assert method.active_agent() == active
@@ -83,7 +61,7 @@ def test_sequential_rotation_updates_only_the_active_agent():
         with torch.no_grad():  # the gallery features of every agent, before the step
             per_agent = [(F.normalize(a(images[0::2]), dim=1), F.normalize(a(images[1::2]), dim=1))
                          for a in method.galleries]
-        _train(method, optimizer, [(images, labels)])
+        train_steps(method, optimizer, [(images, labels)])
         probe = _params(method.backbone)
         for index, agent in enumerate(method.galleries):
             after = _params(agent)
@@ -103,10 +81,10 @@ def test_sequential_rotation_updates_only_the_active_agent():
 
 def test_update_all_and_random_rotation():
     method = _build(cfg={"queue_size": 8, "num_agents": 3, "update": "all", "alpha": 0.5})
-    optimizer = _sgd(method)
+    optimizer = harness_sgd(method)
     for images, labels in _batches(3):
         before = [_params(agent) for agent in method.galleries]
-        _train(method, optimizer, [(images, labels)])
+        train_steps(method, optimizer, [(images, labels)])
         probe = _params(method.backbone)
         for agent, old in zip(method.galleries, before):
             expected = [0.5 * a + 0.5 * p for a, p in zip(old, probe)]
@@ -135,13 +113,13 @@ def test_resume_from_state_dict_continues_identically():
     batches = _batches(7)
     cfg = {"queue_size": 8, "num_agents": 3}
     method = _build(cfg=cfg)
-    optimizer = _sgd(method)
-    _train(method, optimizer, batches[:4])
+    optimizer = harness_sgd(method)
+    train_steps(method, optimizer, batches[:4])
     resumed = _build(cfg=cfg, seed=99)
     resumed.load_state_dict(method.state_dict())
-    resumed_optimizer = _sgd(resumed)
+    resumed_optimizer = harness_sgd(resumed)
     resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     assert int(resumed.steps) == 4 and resumed.active_agent() == 1
-    assert _train(method, optimizer, batches[4:]) == _train(resumed, resumed_optimizer, batches[4:])
+    assert train_steps(method, optimizer, batches[4:]) == train_steps(resumed, resumed_optimizer, batches[4:])
     for name, value in method.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name

@@ -15,12 +15,7 @@ from methods.partial_fc import PartialFC, sample_centers
 from methods.registry import ConfigError, UnknownNameError
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # every tensor float64 unless a test says otherwise
 
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])

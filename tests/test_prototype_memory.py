@@ -3,55 +3,23 @@ rows of the batch's classes never scoring, refresh and ageing through training, 
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbones import build_backbone
-from methods.base import METHODS, build_method
+from methods.base import METHODS
 from methods.registry import ConfigError
+from tests.method_helpers import EMBEDDING, NUM_CLASSES, assert_state_dict_resumes_identically, build_tiny, harness_sgd, train_steps, view_batch
 
-NUM_CLASSES, EMBEDDING, IMAGE = 12, 16, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and robust to a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(cfg=None, seed=0, name="prototype_memory"):
-    torch.manual_seed(seed)
-    backbone = build_backbone("small", embedding_size=EMBEDDING, input_size=IMAGE)
-    return build_method(name, backbone, NUM_CLASSES, EMBEDDING, cfg)
-
-
-def _batch(identities, views=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(identities).repeat_interleave(views)
-    return torch.randn(labels.shape[0], 3, IMAGE, IMAGE, generator=generator), labels
-
-
-def _sgd(method):
-    return torch.optim.SGD(method.param_groups(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-
-def _train(method, optimizer, batches):
-    losses = []
-    for images, labels in batches:
-        optimizer.zero_grad(set_to_none=True)
-        out = method(images, labels)
-        out.loss.backward()
-        optimizer.step()
-        method.on_step_end()
-        losses.append(out.loss.item())
-    return losses
+    return build_tiny(name, cfg, seed)
 
 
 def _reference_loss(embeddings, labels, memory_rows, memory_labels, s, m, arc=False):
@@ -77,9 +45,9 @@ def _reference_loss(embeddings, labels, memory_rows, memory_labels, s, m, arc=Fa
 def test_loss_matches_the_reference(cfg):
     views = cfg.get("views_per_class", 2)
     method = _build(cfg)
-    optimizer = _sgd(method)
-    _train(method, optimizer, [_batch([0, 1, 2], views, seed=1), _batch([3, 4, 5], views, seed=2)])
-    images, labels = _batch([1, 4, 7], views, seed=3)  # 1 and 4 have (stale) rows in memory
+    optimizer = harness_sgd(method)
+    train_steps(method, optimizer, [view_batch([0, 1, 2], views, seed=1), view_batch([3, 4, 5], views, seed=2)])
+    images, labels = view_batch([1, 4, 7], views, seed=3)  # 1 and 4 have (stale) rows in memory
     with torch.no_grad():
         embeddings = method.backbone(images)
         loss = method(images, labels).loss
@@ -110,9 +78,9 @@ def test_leave_one_out_positive_excludes_the_sample():
 
 def test_memory_rows_of_batch_classes_never_score():
     method = _build()
-    _train(method, _sgd(method), [_batch([0, 1, 2, 3], seed=1)])
+    train_steps(method, harness_sgd(method), [view_batch([0, 1, 2, 3], seed=1)])
     method.eval()
-    images, labels = _batch([1, 2, 8, 9], seed=2)
+    images, labels = view_batch([1, 2, 8, 9], seed=2)
 
     def loss_and_grad():
         embeddings = method.backbone(images).detach().requires_grad_(True)
@@ -138,16 +106,16 @@ def test_memory_rows_of_batch_classes_never_score():
 
 def test_refresh_and_ageing_through_training():
     method = _build({"memory_size": 6})
-    optimizer = _sgd(method)
+    optimizer = harness_sgd(method)
     fresh = {}
     for step, identities in enumerate([[0, 1, 2, 3], [2, 3, 4, 5], [6, 7, 2, 8]]):
-        images, labels = _batch(identities, seed=step)
+        images, labels = view_batch(identities, seed=step)
         with torch.no_grad():
             x = F.normalize(method.backbone(images), dim=1).view(4, 2, -1)
         for c, pair in zip(identities, x):
             fresh[c] = F.normalize(pair.mean(0), dim=0)
         slots_before = method.memory.slots_of(torch.tensor(identities))
-        _train(method, optimizer, [(images, labels)])
+        train_steps(method, optimizer, [(images, labels)])
         slots_after = method.memory.slots_of(torch.tensor(identities))
         known = slots_before >= 0
         assert torch.equal(slots_after[known], slots_before[known])  # refreshed in place
@@ -162,7 +130,7 @@ def test_refresh_and_ageing_through_training():
 
 
 def test_batch_prototype_gradient_option():
-    images, labels = _batch([0, 1, 2])
+    images, labels = view_batch([0, 1, 2])
     grads = {}
     for flag in (True, False):
         method = _build({"batch_prototype_grad": flag}).eval()
@@ -181,26 +149,17 @@ def test_alias_config_and_mining_helper():
     assert method.encoder() is method.backbone
     assert _build({"memory_size": 3}).memory.capacity == 3
     with pytest.raises(ConfigError, match="exceeds the memory size"):
-        _build({"memory_size": 3})(*_batch([0, 1, 2, 3]))
+        _build({"memory_size": 3})(*view_batch([0, 1, 2, 3]))
     for bad in ({"views_per_class": 1}, {"loss": "sphereface"}, {"m": 3.5}, {"nope": 0}):
         with pytest.raises(ConfigError, match="method 'prototype_memory'"):
             _build(bad)
-    _train(method, _sgd(method), [_batch([0, 1, 2, 3])])
+    train_steps(method, harness_sgd(method), [view_batch([0, 1, 2, 3])])
     neighbours = method.hard_class_neighbours(torch.tensor([0, 11]), 2)
     assert neighbours.shape == (2, 2) and set(neighbours[0].tolist()) <= {1, 2, 3}
     assert neighbours[1].tolist() == [-1, -1]
 
 
 def test_resume_from_state_dict_continues_identically():
-    batches = [_batch(ids, seed=i) for i, ids in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
+    batches = [view_batch(ids, seed=i) for i, ids in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
                                                             [1, 3, 5, 7], [0, 2, 4, 6], [9, 8, 11, 10]])]
-    method = _build({"memory_size": 6})
-    optimizer = _sgd(method)
-    _train(method, optimizer, batches[:3])
-    resumed = _build({"memory_size": 6}, seed=99)
-    resumed.load_state_dict(method.state_dict())
-    resumed_optimizer = _sgd(resumed)
-    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    assert _train(method, optimizer, batches[3:]) == _train(resumed, resumed_optimizer, batches[3:])
-    for name, value in method.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert_state_dict_resumes_identically(lambda seed: _build({"memory_size": 6}, seed=seed), batches)

@@ -4,56 +4,23 @@ harness's sampler, exact resume."""
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbones import build_backbone
 from bench.data.sampler import ClassBalancedBatchSampler
-from methods.base import build_method
 from methods.registry import ConfigError
+from tests.method_helpers import IMAGE, NUM_CLASSES, assert_state_dict_resumes_identically, build_tiny, harness_sgd, train_steps, view_batch
 
-NUM_CLASSES, EMBEDDING, IMAGE = 12, 16, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster, and robust to a loaded 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(cfg=None, seed=0, num_classes=NUM_CLASSES, name="sst"):
-    torch.manual_seed(seed)
-    backbone = build_backbone("small", embedding_size=EMBEDDING, input_size=IMAGE)
-    return build_method(name, backbone, num_classes, EMBEDDING, cfg)
-
-
-def _batch(identities, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.tensor(identities).repeat_interleave(2)
-    return torch.randn(labels.shape[0], 3, IMAGE, IMAGE, generator=generator), labels
-
-
-def _sgd(method):
-    return torch.optim.SGD(method.param_groups(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-
-def _train(method, optimizer, batches):
-    losses = []
-    for images, labels in batches:
-        optimizer.zero_grad(set_to_none=True)
-        out = method(images, labels)
-        out.loss.backward()
-        optimizer.step()
-        method.on_step_end()
-        losses.append(out.loss.item())
-    return losses
+    return build_tiny(name, cfg, seed, num_classes)
 
 
 def _reference_loss(p1, g2, p2, g1, queue, index, s, m, arc=False):
@@ -76,9 +43,9 @@ def _reference_loss(p1, g2, p2, g1, queue, index, s, m, arc=False):
 
 def test_loss_matches_the_facexzoo_computation():
     method = _build({"queue_size": 8})
-    optimizer = _sgd(method)
-    _train(method, optimizer, [_batch([0, 1, 2, 3], seed=1)])  # queue pointer now 4
-    images, labels = _batch([4, 5, 6, 7], seed=2)
+    optimizer = harness_sgd(method)
+    train_steps(method, optimizer, [view_batch([0, 1, 2, 3], seed=1)])  # queue pointer now 4
+    images, labels = view_batch([4, 5, 6, 7], seed=2)
     x1, x2 = images[0::2], images[1::2]
     gallery = method.galleries[0]
     with torch.no_grad():
@@ -97,15 +64,15 @@ def test_loss_matches_the_facexzoo_computation():
 
 def test_queue_write_pointer_and_coin():
     method = _build({"queue_size": 8})
-    optimizer = _sgd(method)
+    optimizer = harness_sgd(method)
     chosen = []
     for step in range(8):
         identities = [(4 * step + i) % NUM_CLASSES for i in range(4)]
-        images, labels = _batch(identities, seed=step)
+        images, labels = view_batch(identities, seed=step)
         with torch.no_grad():
             g1 = F.normalize(method.galleries[0](images[0::2]), dim=1)
             g2 = F.normalize(method.galleries[0](images[1::2]), dim=1)
-        _train(method, optimizer, [(images, labels)])
+        train_steps(method, optimizer, [(images, labels)])
         features, row_labels = method.queue.ordered()
         assert row_labels[-4:].tolist() == identities
         is_g1 = torch.allclose(features[-4:], g1, atol=1e-6)
@@ -122,8 +89,8 @@ def test_gallery_momentum_update_and_batchnorm_train_mode():
     gallery = method.galleries[0]
     modes = {type(m).__name__: m.training for m in gallery.encoder.modules()}
     assert modes["BatchNorm2d"] and modes["BatchNorm1d"] and not modes["Dropout"] and not modes["IResNet"]
-    optimizer = _sgd(method)
-    images, labels = _batch([0, 1, 2, 3])
+    optimizer = harness_sgd(method)
+    images, labels = view_batch([0, 1, 2, 3])
     method(images, labels).loss.backward()
     optimizer.step()
     before = {k: v.clone().double() for k, v in gallery.encoder.state_dict().items()}
@@ -167,7 +134,7 @@ def _guarded_run(identity_reuse_gap, steps=30, identities=24):
     images = torch.randn(labels.shape[0], 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
     method = _build(num_classes=identities)  # queue: 12 // 4 * 4 = 12 rows, gap 12
     sampler = ClassBalancedBatchSampler(labels, 8, 2, seed=0, identity_reuse_gap=identity_reuse_gap)
-    optimizer = _sgd(method)
+    optimizer = harness_sgd(method)
     violations = []
     for number in range(steps):
         index = sampler.batch(number)
@@ -195,15 +162,6 @@ def test_false_negative_guard_holds_with_the_samplers_reuse_gap():
 
 
 def test_resume_from_state_dict_continues_identically():
-    batches = [_batch(ids, seed=i) for i, ids in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
+    batches = [view_batch(ids, seed=i) for i, ids in enumerate([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11],
                                                             [1, 3, 5, 7], [0, 2, 4, 6], [9, 8, 11, 10]])]
-    method = _build({"queue_size": 8})
-    optimizer = _sgd(method)
-    _train(method, optimizer, batches[:3])
-    resumed = _build({"queue_size": 8}, seed=99)
-    resumed.load_state_dict(method.state_dict())
-    resumed_optimizer = _sgd(resumed)
-    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    assert _train(method, optimizer, batches[3:]) == _train(resumed, resumed_optimizer, batches[3:])
-    for name, value in method.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert_state_dict_resumes_identically(lambda seed: _build({"queue_size": 8}, seed=seed), batches)
