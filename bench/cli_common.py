@@ -7,6 +7,7 @@ without a traceback (STYLE.md, CLI).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,6 +24,13 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def rank_tag() -> str:
+    """``"rank R of W: "`` in a process of a torchrun launch with several ranks, else ``""``: every rank
+    reports its own errors, and the line says which one speaks (other messages come from rank 0 only)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '?')} of {world_size}: " if world_size > 1 else ""
+
+
 def one_line_errors(func: F) -> F:
     """Report user errors as ``error: <message>`` with exit code 2 (1 for a failed run)."""
 
@@ -31,10 +39,11 @@ def one_line_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as exc:
-            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {rank_tag()}{escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except FloatingPointError as exc:
-            err.print(f"[red]error:[/] training failed: {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {rank_tag()}training failed: {escape(str(exc))}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -2,7 +2,8 @@
 
 At the default budget, with the default backbone and recipe (seed 0):
 - ArcFace on the ``full`` split reaches 0.85-0.97 synth-lfw accuracy (room above for better methods);
-- the ``shallow`` split (2 images per identity) scores at least 3 points lower;
+- the ``shallow`` split (2 images per identity) scores at least 3 points lower, and the ``longtail``
+  split lies between the two (it has more images than ``shallow``, fewer than ``full``);
 - an untrained backbone scores at most 0.75.
 Measured values are in the README ("Calibration").
 """
@@ -26,7 +27,7 @@ def data_root(tmp_path_factory):
 
 def _accuracy(split: str, data_root, out) -> float:
     cfg = load_config(overrides={"methods": "arcface", "data.split.name": split, "data.root": str(data_root),
-                                 "out": str(out), "train.device": "cpu"})
+                                 "out": str(out), "train.device": "cpu", "eval.protocols": "synth-lfw"})
     (result,) = run(cfg, progress=False)
     return result.metrics["synth-lfw"]["accuracy"]
 
@@ -34,10 +35,12 @@ def _accuracy(split: str, data_root, out) -> float:
 @pytest.mark.slow
 def test_default_difficulty_is_calibrated(data_root, tmp_path):
     full = _accuracy("full", data_root, tmp_path / "results")
+    longtail = _accuracy("longtail", data_root, tmp_path / "results")
     shallow = _accuracy("shallow", data_root, tmp_path / "results")
-    print(f"\ncalibration: arcface full {full:.4f}, shallow {shallow:.4f}")
+    print(f"\ncalibration: arcface full {full:.4f}, longtail {longtail:.4f}, shallow {shallow:.4f}")
     assert 0.85 <= full <= 0.97
     assert shallow <= full - 0.03
+    assert shallow < longtail < full
 
 
 @pytest.mark.slow

@@ -132,6 +132,14 @@ def test_console_script_reports_errors_in_one_line():
     assert proc.stdout == ""
 
 
+def test_errors_name_their_rank_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = runner.invoke(app, ["run", "--methods", "nope", "--no-progress"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: rank 1 of 2: unknown method 'nope'; valid: " + ", ".join(METHODS.names())
+
+
 def test_help_documents_every_run_flag():
     result = _invoke(["run", "--help"])
     for flag in ("--methods", "--split", "--dataset", "--backbone", "--budget", "--batch-size", "--seed",
