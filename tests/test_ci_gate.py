@@ -42,6 +42,7 @@ def test_ci_configuration_passes_the_committed_baseline(gate_results):
     result = runner.invoke(app, ["check", "--baseline", str(BASELINE), "--results", str(gate_results)])
     assert result.exit_code == 0, result.output
     baseline = json.loads(BASELINE.read_text())
+    assert baseline["tolerances"]["max_accuracy_drop"] == 2.0
     methods = sorted(entry["key"]["method"] for entry in baseline["entries"])
     assert methods == ["arcface", "dcq", "pfc", "sst"]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| synthface/")]
@@ -53,12 +54,12 @@ def test_ci_configuration_passes_the_committed_baseline(gate_results):
 def test_ci_configuration_fails_a_baseline_it_does_not_meet(gate_results, tmp_path):
     baseline = json.loads(BASELINE.read_text())
     sst = next(entry for entry in baseline["entries"] if entry["key"]["method"] == "sst")
-    sst["metrics"]["synth-lfw acc"] += 0.02  # 2 pp above what the run reaches; tolerance is 1 pp
+    sst["metrics"]["synth-lfw acc"] += 0.03  # 3 pp above what the run reaches; the baseline allows 2 pp
     raised = tmp_path / "raised.json"
     raised.write_text(json.dumps(baseline))
     result = runner.invoke(app, ["check", "--baseline", str(raised), "--results", str(gate_results),
                                  "--regressions-only"])
     assert result.exit_code == 1
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("| synthface/")]
-    assert "sst" in row and "synth-lfw acc" in row and "-2.00 pp" in row and "REGRESSED" in row
+    assert "sst" in row and "synth-lfw acc" in row and "-3.00 pp" in row and "REGRESSED" in row
     assert "FAIL: 1 of" in result.stderr
