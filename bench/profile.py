@@ -469,10 +469,13 @@ def run_profile(settings: ProfileSettings, on_row: Callable[[dict[str, Any]], No
     return record.directory, rows
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (classes, step ms, img/s, peak GiB, step / floor)."""
-    from tabulate import tabulate
+#: Columns of the profile table (``bench profile`` output and ``bench report``'s profile section).
+TABLE_HEADERS = ["method", "classes", "logit columns", "step ms", "img/s", "peak GiB", "estimate GiB", "floor ms",
+                 "step / floor", "status"]
 
+
+def table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The rows as text cells under :data:`TABLE_HEADERS` (timing cells empty for cases not run)."""
     lines = []
     for row in rows:
         ok = row["status"] == "ok"
@@ -481,6 +484,11 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
                       f"{row['peak_bytes'] / 2**30:.2f}" if ok else "",
                       f"{row['estimate_bytes'] / 2**30:.2f}", f"{row['floor_ms']:.1f}" if ok else "",
                       f"{row['step_over_floor']:.2f}" if ok else "", row["status"]])
-    headers = ["method", "classes", "logit columns", "step ms", "img/s", "peak GiB", "estimate GiB", "floor ms",
-               "step / floor", "status"]
-    return tabulate(lines, headers=headers, tablefmt="pipe", disable_numparse=True)
+    return lines
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    from tabulate import tabulate
+
+    return tabulate(table_cells(rows), headers=TABLE_HEADERS, tablefmt="pipe", disable_numparse=True)

@@ -68,7 +68,8 @@ from methods.base import BatchSpec, LossOutput, Method, register_method
 from methods.distributed import DistContext
 from methods.margins import cos_margin, full_precision
 from methods.momentum import BUFFER_RULES, MomentumEncoder
-from methods.queues import FeatureQueue, gather_for_enqueue, mask_same_label, random_unit_rows, split_views
+from methods.queues import (FeatureQueue, checked_queue_size, gather_for_enqueue, mask_same_label, random_unit_rows,
+                            split_views)
 from methods.registry import ConfigError
 
 
@@ -121,10 +122,7 @@ class DCQ(Method):
         """The queue size for a local batch of ``batch_size`` images (see the module docstring)."""
         step = self.weights_per_step(batch_size)
         if self.queue_size:
-            if self.queue_size % step:
-                raise ConfigError(f"method 'dcq': queue_size ({self.queue_size}) must be a multiple of the "
-                                  f"weights enqueued per step ({step})")
-            return self.queue_size
+            return checked_queue_size("dcq", self.queue_size, step, "the weights enqueued per step")
         return max(step, int(self.queue_fraction * self.num_classes) // step * step)
 
     def _allocate_queue(self, batch_size: int) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.distributed import DistContext, all_gather
+from methods.registry import ConfigError
 
 #: Label of a row that holds no identity (an initial random row, or an empty slot).
 NO_LABEL = -1
@@ -45,6 +46,15 @@ def gather_for_enqueue(dist: DistContext, *tensors: torch.Tensor) -> tuple[torch
     holds exactly the rows a single process would hold. One process: the tensors themselves (detached).
     """
     return tuple(all_gather(t.detach(), dist) for t in tensors)
+
+
+def checked_queue_size(method: str, queue_size: int, rows_per_step: int, what: str) -> int:
+    """A user-set ``queue_size``, which must be a multiple of the rows enqueued per step (each step
+    overwrites whole batch slots; both DCQ's and SST's codebases assert it)."""
+    if queue_size % rows_per_step:
+        raise ConfigError(f"method '{method}': queue_size ({queue_size}) must be a multiple of {what} "
+                          f"({rows_per_step})")
+    return queue_size
 
 
 def random_unit_rows(count: int, dim: int, generator: torch.Generator, kind: str = "normal") -> torch.Tensor:

@@ -66,7 +66,7 @@ from methods.base import BatchSpec, LossOutput, Method, register_method
 from methods.distributed import DistContext
 from methods.margins import arc_margin, cos_margin, replace_target, target_cosines, full_precision
 from methods.momentum import MomentumEncoder
-from methods.queues import FeatureQueue, gather_for_enqueue, random_unit_rows, split_views
+from methods.queues import FeatureQueue, checked_queue_size, gather_for_enqueue, random_unit_rows, split_views
 from methods.registry import ConfigError
 
 #: The paper's prototype queue size for MS1M-v1c, the cap of the derived size.
@@ -152,10 +152,7 @@ class SST(Method):
         """The prototype queue size for a local batch of ``batch_size`` images (module docstring)."""
         step = self.identities_per_step(batch_size)
         if self.queue_size:
-            if self.queue_size % step:
-                raise ConfigError(f"method '{self.name}': queue_size ({self.queue_size}) must be a multiple of "
-                                  f"the identities per batch ({step})")
-            return self.queue_size
+            return checked_queue_size(self.name, self.queue_size, step, "the identities per batch")
         size = self.reuse_gap // step * step
         if size < step:
             raise ConfigError(f"method '{self.name}': the prototype queue (at most {self.reuse_gap} rows for "

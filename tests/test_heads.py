@@ -38,17 +38,17 @@ def _ce(rows, labels):
     return torch.stack(losses).mean()
 
 
+def _arc_target(cos, m):
+    """ArcFace's target cosine, with insightface's fallback past theta + m = pi."""
+    theta = torch.acos(cos)
+    return torch.cos(theta + m) if theta + m <= math.pi else cos - m * math.sin(m)
+
+
 def reference_arcface(emb, w, labels, s, m):
     rows = []
     for i, row in enumerate(_cos_table(emb, w)):
         y = int(labels[i])
-        out = []
-        for j, c in enumerate(row):
-            if j == y:
-                theta = torch.acos(c)
-                c = torch.cos(theta + m) if theta + m <= math.pi else c - m * math.sin(m)
-            out.append(s * c)
-        rows.append(out)
+        rows.append([s * (_arc_target(c, m) if j == y else c) for j, c in enumerate(row)])
     return _ce(rows, labels)
 
 
@@ -66,13 +66,7 @@ def reference_subcenter(emb, w, labels, s, m, k):
     for i, row in enumerate(table):
         y = int(labels[i])
         per_class = [torch.stack(row[c * k:(c + 1) * k]).max() for c in range(len(row) // k)]
-        out = []
-        for c, cos in enumerate(per_class):
-            if c == y:
-                theta = torch.acos(cos)
-                cos = torch.cos(theta + m) if theta + m <= math.pi else cos - m * math.sin(m)
-            out.append(s * cos)
-        rows.append(out)
+        rows.append([s * (_arc_target(cos, m) if c == y else cos) for c, cos in enumerate(per_class)])
     return _ce(rows, labels)
 
 

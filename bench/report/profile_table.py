@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.profile import TABLE_HEADERS, table_cells
 from bench.records import iter_records
 
 
@@ -16,21 +17,6 @@ def profile_records(results_dir: Path) -> list[dict[str, Any]]:
         if config.get("kind") == "profile" and "head-profile" in (record.get("metrics") or {}):
             newest[str(config.get("device"))] = record  # iter_records is sorted by run id: the last wins
     return list(newest.values())
-
-
-def _rows(record: dict[str, Any]) -> list[list[str]]:
-    lines = []
-    for row in record["metrics"]["head-profile"]["rows"]:
-        ok = row["status"] == "ok"
-        lines.append([row["method"], f"{row['classes']:,}", f"{row['logit_columns']:,}",
-                      f"{row['step_ms']:.1f}" if ok else "", f"{row['img_s']:,.0f}" if ok else "",
-                      f"{row['peak_bytes'] / 2**30:.2f}" if ok else "", f"{row['estimate_bytes'] / 2**30:.2f}",
-                      f"{row['step_over_floor']:.2f}" if ok else "", row["status"]])
-    return lines
-
-
-HEADERS = ["method", "classes", "logit columns", "step ms", "img/s", "peak GiB", "estimate GiB", "step / floor",
-           "status"]
 
 
 def provenance_line(record: dict[str, Any]) -> str:
@@ -58,12 +44,12 @@ def profile_section(results_dir: Path) -> tuple[str, str]:
                 "(`bench profile`); median of the timed steps; peak = process peak RSS on CPU (whole process), "
                 "CUDA max allocated on GPU; step / floor = step time over the time of its bare matrix products; "
                 "`over budget`: estimated memory above the budget, not run.")
-        lines = _rows(record)
+        lines = table_cells(record["metrics"]["head-profile"]["rows"])
         md += [f"## {title}\n", note + "\n", provenance_line(record) + "\n",
-               tabulate(lines, headers=HEADERS, tablefmt="pipe", disable_numparse=True) + "\n"]
+               tabulate(lines, headers=TABLE_HEADERS, tablefmt="pipe", disable_numparse=True) + "\n"]
         tex += [f"% {latex_escape(title)}\n% {provenance_line(record)}\n",
-                "\\begin{tabular}{l" + "r" * (len(HEADERS) - 2) + "l}\n\\toprule\n",
-                " & ".join(latex_escape(h) for h in HEADERS) + " \\\\\n\\midrule\n",
+                "\\begin{tabular}{l" + "r" * (len(TABLE_HEADERS) - 2) + "l}\n\\toprule\n",
+                " & ".join(latex_escape(h) for h in TABLE_HEADERS) + " \\\\\n\\midrule\n",
                 *(" & ".join(latex_escape(c) for c in line) + " \\\\\n" for line in lines),
                 "\\bottomrule\n\\end{tabular}\n"]
     return "\n".join(md), "".join(tex)
