@@ -18,6 +18,10 @@ Tolerances: the defaults below, overridden by the baseline file's own ``toleranc
 carries loose throughput and memory tolerances for a shared CPU), overridden by the command line.
 A configuration hash that differs from the baseline's is reported as a note, not a failure (new config
 keys change the hash without changing the results).
+
+What cannot be read is not a regression: a baseline file that is not a readable baseline, or a results
+directory whose every record is broken, raises :class:`BenchError` (exit 2); a broken record among
+readable ones is skipped with a warning line (:func:`bench.report.tables.load_records`).
 """
 
 from __future__ import annotations
@@ -59,7 +63,10 @@ class Tolerances:
         unknown = set(values) - set(asdict(self))
         if unknown:
             raise BenchError(f"unknown tolerance '{sorted(unknown)[0]}'; valid: {', '.join(asdict(self))}")
-        out = replace(self, **{k: float(v) for k, v in values.items()})
+        try:
+            out = replace(self, **{k: float(v) for k, v in values.items()})
+        except (TypeError, ValueError):  # a hand-edited baseline file: "tolerances": {"...": "two"}
+            raise BenchError(f"tolerances must be numbers, got {values}") from None
         for name, value in asdict(out).items():
             if not value >= 0 or math.isinf(value):
                 raise BenchError(f"tolerance {name} must be a finite number >= 0, got {value}")
@@ -144,10 +151,14 @@ def baseline_from_results(results_dir: Path, tolerances: dict[str, Any] | None =
 
 def save_baseline(results_dir: Path, out: Path, tolerances: dict[str, Any] | None = None, note: str = "",
                   metrics: list[str] | None = None) -> Path:
+    """Write the baseline of ``results_dir`` to ``out`` atomically (an existing file stays whole if it fails)."""
     document = baseline_from_results(results_dir, tolerances, note, metrics)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, document)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, document)
+    except OSError as exc:
+        raise BenchError(f"cannot write the baseline {out}: {exc.strerror or exc}") from None
     return out
 
 
@@ -157,7 +168,7 @@ def load_baseline(path: Path) -> dict[str, Any]:
         document = json.loads(path.read_text())
     except FileNotFoundError:
         raise BenchError(f"{path}: baseline file not found (create one with `bench baseline save --out {path}`)") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON, or bytes that are not UTF-8 text
         raise BenchError(f"{path}: not a readable baseline JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(document, dict) or document.get("format") != BASELINE_FORMAT \
             or not isinstance(document.get("entries"), list):
@@ -167,6 +178,12 @@ def load_baseline(path: Path) -> dict[str, Any]:
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), dict) \
                 or set(entry["key"]) != set(KEY_COLUMNS) or not isinstance(entry.get("metrics"), dict):
             raise BenchError(f"{path}: every entry needs 'key' ({', '.join(KEY_COLUMNS)}) and 'metrics'")
+    if not isinstance(document.get("tolerances", {}), dict):
+        raise BenchError(f"{path}: 'tolerances' must map tolerance names to numbers")
+    try:
+        Tolerances().updated(document.get("tolerances"))
+    except BenchError as exc:
+        raise BenchError(f"{path}: {exc}") from None
     return document
 
 

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import typer
 
-from bench.cli_common import err, one_line_errors, parse_sets
+from bench.cli_common import OneLineUsageErrors, err, one_line_errors, parse_sets
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FaceBench: train and evaluate face-recognition methods on equal terms.")
 
 

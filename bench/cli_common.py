@@ -1,19 +1,23 @@
 """Pieces every ``bench`` sub-command shares: the stderr console, one-line error reporting, ``--set``.
 
 Exit codes: 0 success, 1 a failed run or check, 2 a usage or configuration error, printed as one line
-without a traceback (STYLE.md, CLI).
+without a traceback (STYLE.md, CLI). That holds for errors typer finds while parsing (a flag value of the
+wrong type, an unknown option, a missing argument: :class:`OneLineUsageErrors`) as for those the commands
+raise (:func:`one_line_errors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from bench.errors import USER_ERRORS
 from methods.registry import ConfigError
@@ -31,6 +35,12 @@ def rank_tag() -> str:
     return f"rank {os.environ.get('RANK', '?')} of {world_size}: " if world_size > 1 else ""
 
 
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, on one line (newlines in ``message`` become ``; ``)."""
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    err.print(f"[red]error:[/] {rank_tag()}{escape(text)}", highlight=False, soft_wrap=True)
+
+
 def one_line_errors(func: F) -> F:
     """Report user errors as ``error: <message>`` with exit code 2 (1 for a failed run)."""
 
@@ -39,14 +49,57 @@ def one_line_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as exc:
-            err.print(f"[red]error:[/] {rank_tag()}{escape(str(exc))}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(2) from None
         except FloatingPointError as exc:
-            err.print(f"[red]error:[/] {rank_tag()}training failed: {escape(str(exc))}", highlight=False,
-                      soft_wrap=True)
+            print_error(f"training failed: {exc}")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _usage_error_type() -> type[Exception]:
+    """The base class of typer's parsing errors: ``typer.TyperException`` where typer vendors click (0.2x
+    and later), else click's ``ClickException``."""
+    if hasattr(typer, "TyperException"):
+        return typer.TyperException
+    import click  # pragma: no cover - older typer
+
+    return click.ClickException  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    """Turn a parsing error into ``error: <command>: <message> (see '<command> --help')`` and its exit
+    code (2 for usage errors).
+
+    A bare command's help (``NoArgsIsHelpError``, recognised by name as typer's own error printer does) is
+    passed on untouched, as is ``--help``, which is no error.
+    """
+    try:
+        yield
+    except _usage_error_type() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise
+        ctx = getattr(exc, "ctx", None)
+        message = exc.format_message()
+        print_error(f"{ctx.command_path}: {message} (see '{ctx.command_path} --help')" if ctx is not None else message)
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The ``bench`` command group: a bad flag value, an unknown option or a missing argument of any
+    sub-command prints one line ``error: ...`` and exits 2, like every user error, instead of typer's
+    multi-line usage box (STYLE.md, CLI). Sub-commands are parsed inside the group's :meth:`invoke`, so
+    wrapping it and :meth:`make_context` (the group's own options and command name) covers them all."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:

@@ -31,7 +31,8 @@ def eval_command(
     backbone: str = typer.Option("r50", help="Backbone of the checkpoint (`bench list backbones`)."),
     embedding_size: int = typer.Option(512, "--embedding-size", help="Embedding size of the checkpoint."),
     input_size: int = typer.Option(112, "--input-size",
-                                   help="The model's input size; synthetic benchmarks are rendered at it."),
+                                   help="The model's input size: every protocol resizes its images to it "
+                                        "(synthetic benchmarks are rendered at it)."),
     features: Optional[Path] = typer.Option(None, "--features",
                                             help="Precomputed features for one protocol instead of a checkpoint "
                                                  "(.npy, or a MegaFace devkit feature folder)."),
@@ -47,7 +48,7 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint, or precomputed features, on any protocol; prints metrics JSON on stdout."""
     from bench.config import load_config
-    from bench.eval import PROTOCOLS
+    from bench.eval import PROTOCOLS, build_protocol
     from bench.records import atomic_write_json
     from methods.registry import ConfigError
 
@@ -68,7 +69,7 @@ def eval_command(
     encoder = _load_checkpoint(checkpoint, backbone, embedding_size, input_size) if checkpoint is not None else None
     metrics: dict[str, Any] = {}
     for name in names:
-        protocol = PROTOCOLS.get(name)(cfg.data, progress, options=cfg.eval)
+        protocol = build_protocol(name, cfg.data, progress, cfg.eval, input_size=input_size)
         if encoder is None:
             metrics[name] = protocol.score_features(features, flip=f"precomputed, {features}")
         else:

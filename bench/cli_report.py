@@ -1,7 +1,9 @@
 """``bench report``, ``bench profile``, ``bench check`` and ``bench baseline save``.
 
 Thin commands: parse, call :mod:`bench.report`, :mod:`bench.profile` or :mod:`bench.check`. Tables go to
-stdout, messages to stderr; ``bench check`` exits 1 on a regression, every command 2 on a usage error.
+stdout, messages to stderr; ``bench check`` exits 1 on a regression, every command 2 on a usage error or
+when what it must read cannot be read (a baseline file; every run record broken: one broken record among
+readable ones is skipped with a warning line).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def check_command(
                                                            "(default 0.10, or the baseline's own)."),
     all_rows: bool = typer.Option(True, "--all/--regressions-only", help="Show every comparison, or only failures."),
 ) -> None:
-    """Compare the newest records with a baseline; exit 1 on a regression beyond tolerance, 0 otherwise."""
+    """Compare the newest records with a baseline; exit 1 on a regression beyond tolerance, 0 otherwise
+    (2: the baseline or the records cannot be read)."""
     from bench.check import check, comparison_table
 
     comparisons, notes, tolerances = check(results, baseline, {

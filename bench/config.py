@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from methods.registry import ConfigError
 
 #: Environment variable that overrides the default data root (``datasets/``).
 DATA_ROOT_ENV = "FACEBENCH_DATA_ROOT"
+
+#: ``train.device`` values: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (ours: the spellings the harness
+#: resolves; anything else, e.g. ``cuda:x``, would reach ``torch.device`` and fail with a traceback).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -278,8 +283,8 @@ def validate(cfg: RunConfig) -> None:
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0: only at the end), got {t.ckpt_every}")
     _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
-    _require(t.device == "auto" or t.device == "cpu" or t.device.split(":")[0] == "cuda",
-             f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _require(DEVICE_PATTERN.fullmatch(t.device) is not None,
+             f"train.device must be auto, cpu, cuda or cuda:N (N a device index), got {t.device!r}")
     _require(s.num_identities >= 2, f"data.synthface.num_identities must be >= 2, got {s.num_identities}")
     _require(s.images_per_identity >= 2,
              f"data.synthface.images_per_identity must be >= 2, got {s.images_per_identity}")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from bench.config import DEVICE_PATTERN
 from methods.distributed import DistContext
 from methods.registry import ConfigError
 
@@ -34,16 +35,30 @@ BUCKET_BYTES = 32 * 2**20
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; an unavailable CUDA device is a ConfigError."""
+    """``auto`` is CUDA when available, else CPU; ``cpu``, ``cuda`` and ``cuda:N`` must exist on this machine.
+
+    A malformed name (``cuda:x``, ``gpu``) or a CUDA device this machine lacks is a one-line ConfigError;
+    it touches nothing, so callers resolve the device before they create any file.
+    """
+    if DEVICE_PATTERN.fullmatch(name) is None:
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N (N a device index), got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if device.index is not None:
+            _require_cuda_index(device.index, f"train.device {name!r}")
     return device
+
+
+def _require_cuda_index(index: int, origin: str) -> None:
+    """CUDA device ``index`` exists here; else a ConfigError that starts with ``origin`` (where it came from)."""
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"{origin}: CUDA device {index} does not exist; this machine has {count} "
+                          f"(cuda:0 .. cuda:{count - 1})")
 
 
 def launched_by_torchrun() -> bool:
@@ -61,6 +76,7 @@ def init_from_environment(device_setting: str) -> tuple[DistContext, torch.devic
     device = resolve_device(device_setting)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if device.index is None else device.index)
+        _require_cuda_index(device.index, f"train.device {device_setting!r} with LOCAL_RANK={local_rank}")
         torch.cuda.set_device(device)
     if not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")

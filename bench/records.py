@@ -5,13 +5,16 @@ Layout of ``results/<run-id>/`` (``bench report`` reads only these files):
 - ``config.yaml``: the resolved configuration of this method run (method parameters with defaults);
 - ``env.json``: versions, device, git commit, host;
 - ``data.json``: the dataset and split: recipe, identities, images, images-per-identity histogram, Gini;
-- ``train.jsonl``: one line per logging interval (step, samples seen, loss, lr, img/s, method logs);
+- ``train.jsonl``: one line per logging interval (step, samples seen, loss, lr, img/s, method logs, and
+  ``from_step`` / ``window_steps``: the steps the interval's means cover);
 - ``perf.json``: throughput, step-time breakdown, peak memory, wall times;
 - ``metrics.json``: per protocol; written last, so a run without it is incomplete and is ignored.
 
-Every file except the append-only ``train.jsonl`` is written to a temporary file and renamed into place,
-so a crash never leaves a half-written record, and run directories are created exclusively, so two
-``bench run`` processes on one results directory never write into each other's runs.
+Every file except ``train.jsonl`` is written to a temporary file and renamed into place, so a crash
+never leaves a half-written one; ``train.jsonl`` is appended a line at a time (a failed append is cut back
+to its last whole line) and rewritten atomically, without the lines logged after the checkpoint, when a
+run is resumed. Run directories are created exclusively, so two ``bench run`` processes on one results
+directory never write into each other's runs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, BinaryIO
 
 import yaml
 
-from bench.errors import ResultsDirError
+from bench.errors import DataError, ResultsDirError
 
 RECORD_FILES = ("config.yaml", "env.json", "data.json", "train.jsonl", "perf.json", "metrics.json")
 
@@ -128,90 +131,220 @@ class RunRecord:
         atomic_write_json(self.directory / name, obj)
 
     def append_jsonl(self, name: str, obj: Any) -> None:
-        with open(self.directory / name, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(obj, default=_json_default) + "\n")
+        """Append ``obj`` to ``name`` as one JSON line.
+
+        A failed write (disk full) cuts the file back to its length before, so it never ends in part of
+        a line, and raises :class:`ResultsDirError` naming the file (ours: issue 12)."""
+        path = self.directory / name
+        line = (json.dumps(obj, default=_json_default) + "\n").encode("utf-8")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ResultsDirError(f"{path}: cannot append a line ({exc.strerror or exc})") from None
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+            except OSError as exc:
+                os.ftruncate(fd, size)
+                raise ResultsDirError(f"{path}: cannot append a line ({exc.strerror or exc}); the lines before it "
+                                      "are intact") from None
+        finally:
+            os.close(fd)
 
     def truncate_jsonl(self, name: str, keep: Callable[[dict[str, Any]], bool]) -> None:
-        """Rewrite ``name`` (atomically) with only the lines ``keep`` accepts (a resumed run drops the
-        lines logged after its checkpoint, which it is about to log again)."""
+        """Rewrite ``name`` (atomically) with only the lines ``keep`` accepts: a resumed run drops the lines
+        logged after its checkpoint, which it is about to log again.
+
+        A last line without its newline was torn by a crash while it was appended (after the checkpoint,
+        which is written after the step's line) and is dropped too; any other unparsable line raises
+        :class:`ResultsDirError` naming it, and the file is left as it was."""
         path = self.directory / name
         if not path.is_file():
             return
-        lines = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        text = path.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ResultsDirError(f"{path}: line {number} is not valid JSON ({exc.msg}); cannot rewrite it "
+                                      "for the resumed run") from None
+            if keep(entry):
+                kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class RunLock:
-    """Exclusive use of a run directory by one process (a ``.lock`` file holding its pid).
+    """Exclusive use of a run directory by one process, for as long as it works in it: ``bench run`` takes
+    it right after creating the directory and keeps it until ``metrics.json`` is written; ``bench run
+    --resume`` takes it before reading anything of the run.
 
-    Fresh run directories are created exclusively, so two ``bench run`` processes never share one; this
-    guards ``--resume``, where two processes could otherwise continue the same run at once. A lock left
-    by a process that no longer exists is taken over.
+    The lock is an ``fcntl.flock`` on ``<run>/.lock``, which also holds the holder's pid for messages. The
+    kernel grants the flock to one open file at a time and drops it when its process ends, however it
+    ends (SIGKILL included): a lock left behind by a dead process is free, and of several processes taking
+    it over at once exactly one succeeds (ours: issue 13; the earlier unlink-then-create takeover let two
+    resumers both win, and only ``--resume`` took the lock). What a dead holder left in the file, a pid or
+    bytes that are no pid at all, is overwritten with one warning.
     """
 
-    def __init__(self, directory: Path, enabled: bool = True) -> None:
+    def __init__(self, directory: Path, enabled: bool = True, warn: Callable[[str], None] | None = None) -> None:
         self.path, self.enabled = Path(directory) / ".lock", enabled
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
-        for _ in range(2):
+        import fcntl  # POSIX only: imported where used
+
+        for _ in range(100):
+            fd = self._open()
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self.path.read_text().strip() if self.path.is_file() else ""
-                if holder.isdigit() and _process_alive(int(holder)):
-                    raise ResultsDirError(f"{self.path.parent}: in use by process {holder} (remove {self.path} "
-                                          "if that process is gone)") from None
-                self.path.unlink(missing_ok=True)  # stale: its process has exited
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
-            return self
-        raise ResultsDirError(f"{self.path.parent}: could not take the run lock {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_content(fd)
+                os.close(fd)
+                who = f"process {holder.decode()}" if holder.isdigit() else "another process"
+                raise ResultsDirError(f"{self.path.parent}: in use by {who} (a run, or a resume of it, holds "
+                                      f"{self.path})") from None
+            if _same_file(fd, self.path):
+                self._take_over(fd)
+                return self
+            os.close(fd)  # its holder released and removed it between our open and flock: try the new file
+        raise ResultsDirError(f"{self.path.parent}: could not take the run lock {self.path}")  # pragma: no cover
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ResultsDirError(f"{self.path.parent}: cannot take the run lock {self.path} "
+                                  f"({exc.strerror or exc})") from None
+
+    def _take_over(self, fd: int) -> None:
+        """Write our pid into the locked file, warning about what a dead holder left there."""
+        left = _lock_content(fd)
+        if left.isdigit():
+            self.warn(f"{self.path}: taking over the lock of process {left.decode()}, which no longer holds it")
+        elif left:
+            self.warn(f"{self.path}: holds no process id (unreadable content); taking it over as stale")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before releasing: a process that opened it sees it is gone
+            os.close(self._fd)
+            self._fd = None
 
 
-def _process_alive(pid: int) -> bool:
+def _lock_content(fd: int) -> bytes:
+    """The stripped content of an open lock file (at most 64 bytes: a pid, or whatever else is there)."""
+    return os.pread(fd, 64, 0).strip()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def read_record(directory: Path) -> dict[str, Any] | None:
-    """The files of one complete run directory as a dict, or None when the run is incomplete."""
+    """The files of one complete run directory as a dict, or None when the run is incomplete (no
+    ``metrics.json``: still running, or stopped before its end).
+
+    A file of a complete record that cannot be read or parsed, or holds the wrong kind of value (every
+    file a mapping, ``train.jsonl`` one object per line), raises :class:`DataError` naming the file and
+    why, so that :func:`iter_records` can skip that one run.
+    """
     directory = Path(directory)
     if not (directory / "metrics.json").is_file():
         return None
     record: dict[str, Any] = {"run_id": directory.name, "path": str(directory)}
     for name in RECORD_FILES:
         path = directory / name
-        key = name.split(".")[0]
-        if not path.is_file():
-            record[key] = None
-        elif name.endswith(".yaml"):
-            record[key] = yaml.safe_load(path.read_text())
-        elif name.endswith(".jsonl"):
-            record[key] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        else:
-            record[key] = json.loads(path.read_text())
+        record[name.split(".")[0]] = _read_record_file(path) if path.is_file() else None
     return record
 
 
-def iter_records(results_dir: Path) -> list[dict[str, Any]]:
-    """Every complete run record under ``results_dir`` (sorted by run id, i.e. by start time)."""
+def _read_record_file(path: Path) -> dict[str, Any] | list[dict[str, Any]]:
+    """One record file parsed: a mapping (``.yaml``, ``.json``) or a list of mappings (``.jsonl``), else
+    :class:`DataError` with the file and the reason in one line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if path.suffix == ".jsonl":
+        lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        return [_mapping(path, _parse_json(path, line, f"line {number}: "), f"line {number} ")
+                for number, line in lines]
+    if path.suffix == ".yaml":
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise DataError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    else:
+        value = _parse_json(path, text)
+    return _mapping(path, value)
+
+
+def _parse_json(path: Path, text: str, where: str = "") -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: {where}not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+
+
+def _mapping(path: Path, value: Any, where: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        found = "nothing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{path}: {where}holds {found}, expected a mapping of names to values")
+    return value
+
+
+def warn_broken_record(error: DataError) -> None:
+    """Report a skipped record as one ``warning:`` line on stderr (the message names the file and why)."""
+    print(f"warning: skipped a broken run record: {error}", file=sys.stderr)
+
+
+def iter_records(results_dir: Path, on_broken: Callable[[DataError], None] | None = warn_broken_record
+                 ) -> list[dict[str, Any]]:
+    """Every complete, readable run record under ``results_dir`` (sorted by run id, i.e. by start time).
+
+    A broken record (:func:`read_record` raises) is left out and handed to ``on_broken`` (default: one
+    warning line on stderr), so one bad file costs its own run, not every report and check (ours: issue 13).
+    ``on_broken=None`` raises instead.
+    """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         return []
-    records = (read_record(d) for d in sorted(results_dir.iterdir()) if d.is_dir() and d.name != "baselines")
-    return [r for r in records if r is not None]
+    records = []
+    for directory in sorted(results_dir.iterdir()):
+        if not directory.is_dir() or directory.name == "baselines":
+            continue
+        try:
+            record = read_record(directory)
+        except DataError as error:
+            if on_broken is None:
+                raise
+            on_broken(error)
+            continue
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,9 @@ from bench.data.datasets import DATASETS, TrainSet, build_trainset
 from bench.data.loader import BatchLoader
 from bench.data.sampler import ClassBalancedBatchSampler, RandomBatchSampler, RankSlice
 from bench.data.splits import SPLITS
-from bench.eval import PROTOCOLS, build_protocol
+from bench.eval import PROTOCOLS, build_protocol, check_available, model_input_size
 from bench.distributed import barrier, broadcast_object, check_batch_divides, init_from_environment
-from bench.errors import BenchError
+from bench.errors import BenchError, ResultsDirError
 from bench.records import RunLock, RunRecord, ensure_writable_dir, environment
 from bench.train import NonFiniteLossError, Trainer, seed_everything
 from methods.base import METHODS, BatchSpec, Method, build_method
@@ -57,6 +58,40 @@ def check_names(cfg: RunConfig) -> None:
         PROTOCOLS.canonical(protocol)
     for name, params in cfg.method_params.items():
         resolved_method_params(name, params)
+
+
+def check_methods(cfg: RunConfig, dist: DistContext) -> None:
+    """Every method of ``cfg`` builds with its parameters, and the global batch splits into whole identities
+    of its ``batch_spec.views_per_class`` on each of ``dist.world_size`` ranks (raises ConfigError).
+
+    ours: so that a bad value of the last method fails before the first one writes a record, or any data is
+    read. A method is built here on a stand-in identity backbone and a stand-in class count, since the real
+    count is known only once the training set is built; the method is built again on it before training.
+    """
+    for name in cfg.methods:
+        overrides = cfg.method_params.get(name)
+        classes = _stand_in_classes(resolved_method_params(name, overrides))
+        with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
+            method = build_method(name, torch.nn.Identity(), classes, cfg.train.embedding_size, overrides,
+                                  dist=DistContext())
+        try:
+            check_batch_divides(cfg.train.batch_size, method.batch_spec.views_per_class, dist)
+        except ConfigError as exc:
+            raise ConfigError(f"method '{name}': {exc}") from None
+
+
+def _stand_in_classes(params: dict[str, Any]) -> int:
+    """A class count above every integer parameter of a method (ours): a check that compares a parameter
+    with the class count (SST: ``queue_size`` < identities) cannot fail on the stand-in, only on the real
+    count. It is small for the default parameters, so the stand-in's class centers cost nothing."""
+    integers = [value for value in params.values() if isinstance(value, int) and not isinstance(value, bool)]
+    return max([2, *integers]) + 1
+
+
+def check_protocols(cfg: RunConfig) -> None:
+    """The files of every real benchmark in ``eval.protocols`` are present (DataError naming what to set)."""
+    for name in cfg.eval.protocols:
+        check_available(name, cfg.data)
 
 
 def resolved_method_params(name: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -97,7 +132,10 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
                        resume_dir: Path | None = None) -> MethodRun:
     """Train one method under ``cfg`` and evaluate it; writes ``<results_dir>/<run-id>/`` (rank 0).
 
-    With ``resume_dir`` the run continues from that directory's newest checkpoint instead of step 0.
+    With ``resume_dir`` the run continues from that directory's newest readable checkpoint instead of step
+    0. Rank 0 of a fresh run holds the directory's :class:`RunLock` from creating it to writing
+    ``metrics.json`` (:func:`resume` holds it for a resumed run). A full disk under a record file stops the
+    run with one line naming the file and the last good checkpoint (README, "Faults").
     """
     dist = dist or DistContext()
     t = cfg.train
@@ -111,74 +149,116 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
     check_batch_divides(t.batch_size, method.batch_spec.views_per_class, dist)
 
     record = _open_record(results_dir, method_name, cfg, dist, resume_dir)
-    if dist.is_main and resume_dir is None:
-        config = {**cfg.to_dict(), "run_id": record.run_id, "group": group,
-                  "method": METHODS.canonical(method_name), "method_params": params,
-                  "config_fingerprint": cfg.fingerprint(), "steps": steps, "num_classes": trainset.num_classes,
-                  "world_size": dist.world_size}
-        record.write_yaml("config.yaml", config)
-        record.write_json("env.json", environment(str(device)))
-        record.write_json("data.json", trainset.info)
-
-    sampler = make_sampler(method.batch_spec, trainset, t.batch_size, t.seed)
-    trainer = Trainer(method, t, device, total_steps=steps, dist=dist)
     checkpoints = Checkpointer(record.directory / "checkpoints", dist)
-    resumed_from = 0
-    if resume_dir is not None:
-        payload = checkpoints.load(method.sharded_state_keys(), trainset.num_classes)
+    # A fresh run holds its directory's lock from its creation to metrics.json (a resumed one: resume()).
+    with RunLock(record.directory, enabled=dist.is_main and resume_dir is None, warn=_warner(console)):
+        if dist.is_main and resume_dir is None:
+            config = {**cfg.to_dict(), "run_id": record.run_id, "group": group,
+                      "method": METHODS.canonical(method_name), "method_params": params,
+                      "config_fingerprint": cfg.fingerprint(), "steps": steps, "num_classes": trainset.num_classes,
+                      "world_size": dist.world_size}
+            _write_record_files(record, {"config.yaml": config, "env.json": environment(str(device)),
+                                         "data.json": trainset.info}, "the run had not started")
+
+        sampler = make_sampler(method.batch_spec, trainset, t.batch_size, t.seed)
+        trainer = Trainer(method, t, device, total_steps=steps, dist=dist)
+        resumed_from = 0
+        if resume_dir is not None:
+            resumed_from = _restore(checkpoints, method, trainer, trainset.num_classes)
+            if dist.is_main:
+                for warning in checkpoints.warnings:
+                    _warner(console)(warning)
+                record.truncate_jsonl("train.jsonl", lambda entry: entry.get("step", 0) <= resumed_from)
+                console.print(f"  resuming {record.run_id} at step {resumed_from} of {steps} "
+                              f"(checkpoint written by {checkpoints.last_good['world_size']} rank(s), "
+                              f"now {dist.world_size})")
+        sampler.load_state_dict({**sampler.state_dict(), "batches_served": trainer.steps_done})
+        batches = BatchLoader(trainset, RankSlice(sampler, dist.rank, dist.world_size), device, seed=t.seed,
+                              rank=dist.rank, world_size=dist.world_size)
+
+        def on_checkpoint(step: int) -> None:
+            payload = {"method": method.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state()}
+            if not checkpoints.save(step, payload) and dist.is_main:
+                _warner(console)(checkpoints.failures[-1])
+
+        show = progress and dist.is_main
+        try:
+            with (_progress(console) if show else _NoProgress()) as bar:
+                task = bar.add_task(f"{method_name:>10}", total=steps, completed=trainer.steps_done, loss="-",
+                                    speed="-")
+
+                def on_log(entry: dict[str, Any]) -> None:
+                    if dist.is_main:
+                        record.append_jsonl("train.jsonl", entry)
+                    bar.update(task, loss=f"{entry['loss']:.3f}", speed=f"{entry['img_s']:.0f}")
+
+                result = trainer.fit(batches, on_log=on_log,
+                                     on_step=lambda step, _: bar.update(task, completed=step),
+                                     on_checkpoint=on_checkpoint)
+        except (NonFiniteLossError, ResultsDirError) as exc:  # the run stops; say what is kept
+            kept = _kept(checkpoints, resumable=isinstance(exc, ResultsDirError))  # a NaN would come back
+            raise type(exc)(f"{exc} ({method_name}, {record.run_id}); {kept}") from None
+        finally:
+            batches.close()
+
+        metrics: dict[str, Any] = {}
+        perf: dict[str, Any] = {}
+        if dist.is_main:
+            eval_start = time.perf_counter()
+            encoder = method.encoder(cfg.eval.encoder or None)
+            metrics = {p.name: p.evaluate(encoder, device, cfg.eval.batch_size) for p in protocols}
+            perf = {**result.perf(), "eval_wall_time_s": time.perf_counter() - eval_start, "device": str(device),
+                    "world_size": dist.world_size, "batch_size": t.batch_size,
+                    "views_per_class": method.batch_spec.views_per_class, "resumed_from_step": resumed_from,
+                    "checkpoint_failures": checkpoints.failures,
+                    "parameters": {"backbone": _count(backbone.parameters()),
+                                   "method_total": _count(method.parameters())}}
+            # metrics.json last: its presence marks the record complete.
+            _write_record_files(record, {"perf.json": perf, "metrics.json": metrics},
+                                f"the run is incomplete ({method_name}); {_kept(checkpoints)}")
+    barrier(dist)
+    return MethodRun(method_name, record.directory, metrics, perf)
+
+
+def _warner(console: Console) -> Callable[[str], None]:
+    """Print one ``warning:`` line on ``console``."""
+    return lambda message: console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
+def _write_record_files(record: RunRecord, files: dict[str, Any], state: str) -> None:
+    """Write ``files`` (name: content) into the run directory in order, each atomically.
+
+    A failed write (a full disk) raises one ResultsDirError line naming the file, the reason and the run's
+    ``state``; every file written before it, and the previous content of this one, stay as they were."""
+    for name, content in files.items():
+        try:
+            (record.write_yaml if name.endswith(".yaml") else record.write_json)(name, content)
+        except OSError as exc:
+            raise ResultsDirError(f"{record.directory / name}: not written ({exc.strerror or exc}); {state}") from None
+
+
+def _kept(checkpoints: Checkpointer, resumable: bool = True) -> str:
+    """What a stopped run keeps: its last good checkpoint (and, if ``resumable``, how to continue from it)."""
+    if checkpoints.last_good is None:
+        return "no checkpoint was written before it"
+    kept = f"the last good checkpoint (step {checkpoints.last_good['step']}) is in {checkpoints.directory}"
+    return f"{kept}, and `bench run --resume {checkpoints.directory.parent.name}` continues from it" if resumable \
+        else kept
+
+
+def _restore(checkpoints: Checkpointer, method: Method, trainer: Trainer, num_classes: int) -> int:
+    """Load the newest readable checkpoint into ``method``, ``trainer`` and the global RNGs; the step it was
+    written at. A payload that does not fit this run's method is one BenchError line."""
+    payload = checkpoints.load(method.sharded_state_keys(), num_classes)
+    try:
         method.load_state_dict(payload["method"])
         trainer.load_state_dict(payload["trainer"])
         set_rng_state(payload["rng"])
-        resumed_from = trainer.steps_done
-        if dist.is_main:
-            record.truncate_jsonl("train.jsonl", lambda entry: entry.get("step", 0) <= resumed_from)
-            console.print(f"  resuming {record.run_id} at step {resumed_from} of {steps} "
-                          f"(checkpoint written by {payload['world_size']} rank(s), now {dist.world_size})")
-    sampler.load_state_dict({**sampler.state_dict(), "batches_served": trainer.steps_done})
-    batches = BatchLoader(trainset, RankSlice(sampler, dist.rank, dist.world_size), device, seed=t.seed,
-                          rank=dist.rank, world_size=dist.world_size)
-
-    def on_checkpoint(step: int) -> None:
-        payload = {"method": method.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state()}
-        if not checkpoints.save(step, payload) and dist.is_main:
-            console.print(f"[yellow]warning:[/] {escape(checkpoints.failures[-1])}", soft_wrap=True)
-
-    show = progress and dist.is_main
-    try:
-        with (_progress(console) if show else _NoProgress()) as bar:
-            task = bar.add_task(f"{method_name:>10}", total=steps, completed=trainer.steps_done, loss="-", speed="-")
-
-            def on_log(entry: dict[str, Any]) -> None:
-                if dist.is_main:
-                    record.append_jsonl("train.jsonl", entry)
-                bar.update(task, loss=f"{entry['loss']:.3f}", speed=f"{entry['img_s']:.0f}")
-
-            result = trainer.fit(batches, on_log=on_log, on_step=lambda step, _: bar.update(task, completed=step),
-                                 on_checkpoint=on_checkpoint)
-    except NonFiniteLossError as exc:
-        manifest = read_manifest(checkpoints.directory)
-        kept = (f"the last good checkpoint (step {manifest['step']}) is in {checkpoints.directory}"
-                if manifest else "no checkpoint was written before it")
-        raise NonFiniteLossError(f"{exc} ({method_name}, {record.run_id}); {kept}") from None
-    finally:
-        batches.close()
-
-    metrics: dict[str, Any] = {}
-    perf: dict[str, Any] = {}
-    if dist.is_main:
-        eval_start = time.perf_counter()
-        encoder = method.encoder(cfg.eval.encoder or None)
-        metrics = {p.name: p.evaluate(encoder, device, cfg.eval.batch_size) for p in protocols}
-        perf = {**result.perf(), "eval_wall_time_s": time.perf_counter() - eval_start, "device": str(device),
-                "world_size": dist.world_size, "batch_size": t.batch_size,
-                "views_per_class": method.batch_spec.views_per_class, "resumed_from_step": resumed_from,
-                "checkpoint_failures": checkpoints.failures,
-                "parameters": {"backbone": _count(backbone.parameters()),
-                               "method_total": _count(method.parameters())}}
-        record.write_json("perf.json", perf)
-        record.write_json("metrics.json", metrics)  # last: its presence marks the record complete
-    barrier(dist)
-    return MethodRun(method_name, record.directory, metrics, perf)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise BenchError(f"{checkpoints.directory}: the checkpoint at step {checkpoints.last_good['step']} does "
+                         f"not fit this run ({type(exc).__name__}: {detail})") from None
+    return trainer.steps_done
 
 
 def _count(params) -> int:
@@ -210,8 +290,10 @@ def _prepare(cfg: RunConfig, dist: DistContext, progress: bool) -> tuple[TrainSe
     barrier(dist)
     if trainset is None:
         trainset = build_trainset(cfg.data, False)
-    protocols = ([build_protocol(name, cfg.data, progress, cfg.eval, trainset) for name in cfg.eval.protocols]
-                 if dist.is_main else [])
+    # Every protocol evaluates at the size the backbone is built for (the training images'); checked first.
+    input_size = model_input_size(cfg.train.backbone, cfg.train.embedding_size, trainset, cfg.data.dataset)
+    protocols = ([build_protocol(name, cfg.data, progress, cfg.eval, trainset, input_size)
+                  for name in cfg.eval.protocols] if dist.is_main else [])
     return trainset, protocols
 
 
@@ -222,9 +304,13 @@ def run(cfg: RunConfig, console: Console | None = None, progress: bool = True, s
     console = console or Console(stderr=True)
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    # Everything that can be checked is checked before the results directory is created or data is read.
     check_names(cfg)
+    dist, device = init_from_environment(cfg.train.device)  # the device exists; joining torchrun writes nothing
+    check_methods(cfg, dist)
+    if dist.is_main:  # rank 0 alone evaluates, so only it needs the benchmark files
+        check_protocols(cfg)
     results_dir = ensure_writable_dir(Path(cfg.out))
-    dist, device = init_from_environment(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     trainset, protocols = _prepare(cfg, dist, progress)
@@ -250,17 +336,19 @@ def resume(run_dir: Path, console: Console | None = None, progress: bool = True)
     """Continue the interrupted run in ``run_dir`` from its newest checkpoint, then evaluate it.
 
     The configuration is the run's own ``config.yaml``; the number of ranks may differ from the one that
-    wrote the checkpoint (the class centers are re-sharded). Returns the run on rank 0, else None.
+    wrote the checkpoint (the class centers are re-sharded). Rank 0 holds the run's lock before it reads
+    anything of the run, so a run still going (which holds the lock itself) is refused with one line.
+    Returns the run on rank 0, else None.
     """
     console = console or Console(stderr=True)
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise BenchError(f"{run_dir}: not a run directory (no config.yaml)")
-    if (run_dir / "metrics.json").is_file():
-        raise BenchError(f"{run_dir}: the run is complete; there is nothing to resume")
-    if read_manifest(run_dir / "checkpoints") is None:
-        raise BenchError(f"{run_dir}: the run has no checkpoint to resume from")
-    with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+    _refuse_complete(run_dir)
+    with RunLock(run_dir, enabled=int(os.environ.get("RANK", "0")) == 0, warn=_warner(console)):
+        _refuse_complete(run_dir)  # again: it may have finished while we waited for the lock
+        if read_manifest(run_dir / "checkpoints") is None:
+            raise BenchError(f"{run_dir}: the run has no checkpoint to resume from")
         stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         missing = [key for key in ("method", "method_params", "data", "train", "eval", "out") if key not in stored]
         if missing:
@@ -275,3 +363,8 @@ def resume(run_dir: Path, console: Console | None = None, progress: bool = True)
         result = train_and_evaluate(cfg, method_name, trainset, protocols, device, run_dir.parent,
                                     stored.get("group", ""), console, progress, dist=dist, resume_dir=run_dir)
     return result if dist.is_main else None
+
+
+def _refuse_complete(run_dir: Path) -> None:
+    if (run_dir / "metrics.json").is_file():
+        raise BenchError(f"{run_dir}: the run is complete; there is nothing to resume")

@@ -6,6 +6,11 @@ decays as ``(1 - progress) ** power``, stepped every iteration; the backbone's g
 (5.0); on CUDA, float16 autocast with a GradScaler. The step is split into three timed phases: ``data``
 (fetching and moving the batch), ``forward_backward``, ``optimizer`` (clip, step, the method's
 ``on_step_end``) and ``logging`` (meters, log lines, the progress bar).
+
+Every ``log_every`` steps (and after the last) an entry for ``train.jsonl`` averages the losses and method
+logs of the steps since the previous entry and names that window (``from_step``, ``window_steps``); the
+open window is checkpointed with the trainer, so a resumed run logs the same windows and values as an
+uninterrupted one (:class:`LogWindow`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,45 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @dataclass
+class LogWindow:
+    """The steps since the last ``train.jsonl`` entry, whose losses and method logs the next entry averages.
+
+    It is part of the trainer's checkpointed state (ours: issue 13): a run resumed from a checkpoint taken
+    between two logging steps continues the open window, so its next entry averages the same steps
+    (``from_step`` .. ``step``, ``window_steps`` of them) as the uninterrupted run's, with the same sum.
+    ``timed_steps`` and ``started`` cover only the steps this process ran (for img/s) and are not saved.
+    """
+
+    from_step: int
+    loss_sum: torch.Tensor
+    steps: int = 0
+    logs_sum: dict[str, float] = field(default_factory=dict)
+    timed_steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def opened_after(cls, step: int, device: torch.device) -> LogWindow:
+        """An empty window whose first step is ``step + 1``."""
+        return cls(from_step=step + 1, loss_sum=torch.zeros((), device=device))
+
+    def add(self, loss: torch.Tensor, logs: dict[str, Any]) -> None:
+        self.loss_sum += loss  # on the device: the loop does not wait for it
+        for key, value in logs.items():
+            self.logs_sum[key] = self.logs_sum.get(key, 0.0) + float(value)
+        self.steps += 1
+        self.timed_steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"from_step": self.from_step, "steps": self.steps, "loss_sum": self.loss_sum.detach().clone(),
+                "logs_sum": dict(self.logs_sum)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> LogWindow:
+        return cls(from_step=int(state["from_step"]), steps=int(state["steps"]),
+                   loss_sum=state["loss_sum"].to(device), logs_sum=dict(state["logs_sum"]))
+
+
+@dataclass
 class TrainResult:
     steps: int
     samples_seen: int
@@ -110,6 +154,7 @@ class Trainer:
                                   for p in g["params"]]
         self.steps_done = 0
         self.amp_skipped_steps = 0
+        self.window = LogWindow.opened_after(0, device)
         # First step whose loss was not finite (-1: none); kept on the device, read at log/checkpoint time.
         self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
 
@@ -160,16 +205,32 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, schedule, AMP scaler and counters (the method's own state is saved separately)."""
+        """Optimizer, schedule, AMP scaler, counters and the open logging window (the method's own state is
+        saved separately)."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "steps_done": self.steps_done,
-                "amp_skipped_steps": self.amp_skipped_steps}
+                "amp_skipped_steps": self.amp_skipped_steps, "log_window": self.window.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.steps_done, self.amp_skipped_steps = int(state["steps_done"]), int(state["amp_skipped_steps"])
+        self.window = LogWindow.from_state(state["log_window"], self.device)
+
+    def _log_entry(self, lr: float) -> dict[str, Any]:
+        """The ``train.jsonl`` entry closing the current window: means over its steps (the loss also over
+        ranks), the window itself, and the img/s of the window's steps run by this process."""
+        window = self.window
+        elapsed = time.perf_counter() - window.started
+        entry = {"step": self.steps_done, "samples": self.steps_done * self.settings.batch_size,
+                 "from_step": window.from_step, "window_steps": window.steps,
+                 "loss": float(mean_over_ranks(window.loss_sum, self.dist)) / window.steps, "lr": lr,
+                 "img_s": window.timed_steps * self.settings.batch_size / elapsed if elapsed > 0 else 0.0,
+                 **{k: v / window.steps for k, v in window.logs_sum.items()}}
+        if self.amp:
+            entry["amp_skipped_steps"] = self.amp_skipped_steps
+        return entry
 
     def fit(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
             on_log: Callable[[dict[str, Any]], None] | None = None,
@@ -184,9 +245,8 @@ class Trainer:
         """
         self.method.train()
         timer, memory = StepTimer(self.device), PeakMemory(self.device)
-        interval_loss = torch.zeros((), device=self.device)
-        interval_logs: dict[str, float] = {}
-        interval_steps, interval_start = 0, time.perf_counter()
+        # img/s counts this process's steps only: a resumed window's earlier steps ran in another process.
+        self.window.timed_steps, self.window.started = 0, time.perf_counter()
         curve: list[dict[str, Any]] = []
         first_step = self.steps_done
         start, last_loss = time.perf_counter(), math.nan
@@ -200,27 +260,17 @@ class Trainer:
             lr = self.lr
             self.update()
             timer.lap("optimizer")
-            interval_loss += loss
-            for key, value in logs.items():
-                interval_logs[key] = interval_logs.get(key, 0.0) + float(value)
-            interval_steps += 1
+            self.window.add(loss, logs)
             reported = None
             last = self.steps_done == self.total_steps
             if self.steps_done % self.settings.log_every == 0 or last:
                 self.check_finite()
-                now = time.perf_counter()
-                last_loss = reported = float(mean_over_ranks(interval_loss, self.dist)) / interval_steps
-                entry = {"step": self.steps_done, "samples": self.steps_done * self.settings.batch_size,
-                         "loss": last_loss, "lr": lr,
-                         "img_s": interval_steps * self.settings.batch_size / (now - interval_start),
-                         **{k: v / interval_steps for k, v in interval_logs.items()}}
-                if self.amp:
-                    entry["amp_skipped_steps"] = self.amp_skipped_steps
+                entry = self._log_entry(lr)
+                last_loss = reported = entry["loss"]
                 curve.append(entry)
                 if on_log:
                     on_log(entry)
-                interval_loss.zero_()
-                interval_logs, interval_steps, interval_start = {}, 0, time.perf_counter()
+                self.window = LogWindow.opened_after(self.steps_done, self.device)
             if on_step:
                 on_step(self.steps_done, reported)
             timer.lap("logging")

@@ -122,3 +122,73 @@ def write_im2rec(directory: Path, images: list[bytes], labels: list[int], order:
     records = [(i, ref_pack(float(labels[i]), images[i], i)) for i in order]
     ref_write(directory, records)
     (directory / "property").write_text(f"{num_classes or max(labels) + 1},{size},{size}\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# insightface .bin verification packs (eval_formats.md §2.1), coded apart from bench.eval.verification:
+# the same objects spelled with other opcodes (MARK ... LIST / TUPLE, no memo), which any unpickler accepts.
+
+
+def ref_bin(entries: list[bytes], issame: list[bool]) -> bytes:
+    """``(bins, issame_list)`` as CPython 2.7 ``protocol=2`` objects: py2 ``str`` entries (BINSTRING ``T`` with a
+    4-byte length), ``bool`` flags (NEWTRUE / NEWFALSE), a tuple of two lists. Loads only with ``encoding='bytes'``."""
+    out = b"\x80\x02(("
+    for entry in entries:
+        out += b"T" + len(entry).to_bytes(4, "little") + entry
+    out += b"l("
+    out += b"".join(b"\x88" if same else b"\x89" for same in issame)
+    return out + b"lt."
+
+
+def _py2_str(data: bytes) -> bytes:
+    return b"T" + len(data).to_bytes(4, "little") + data
+
+
+def _py2_uint8_array(data: bytes) -> bytes:
+    """A 1-D uint8 numpy array as numpy pickles it under Python 2 (``_reconstruct`` + BUILD with a py2 str)."""
+    dtype = (b"cnumpy\ndtype\n(" + _py2_str(b"u1") + b"K\x00K\x01tR"
+             b"(K\x03" + _py2_str(b"|") + b"NNNJ" + (-1).to_bytes(4, "little", signed=True) + b"J"
+             + (-1).to_bytes(4, "little", signed=True) + b"K\x00tb")
+    return (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00t" + _py2_str(b"b") + b"tR"
+            b"(K\x01(J" + len(data).to_bytes(4, "little") + b"t" + dtype + b"\x89" + _py2_str(data) + b"tb")
+
+
+def ref_bin_arrays(entries: list[bytes], issame: list[bool]) -> bytes:
+    """As :func:`ref_bin`, but each entry a uint8 numpy array (``cv2.imencode``'s output in cfp2pack/agedb2pack)."""
+    out = b"\x80\x02((" + b"".join(_py2_uint8_array(entry) for entry in entries) + b"l("
+    out += b"".join(b"\x88" if same else b"\x89" for same in issame)
+    return out + b"lt."
+
+
+def ref_read_bin(data: bytes) -> tuple[list[bytes], list[bool]]:
+    """The entries (as bytes) and flags of a ``.bin``, with the standard library's unpickler (trusted input only)."""
+    import pickle
+
+    bins, issame = pickle.loads(data, encoding="bytes")
+    return [bytes(np.asarray(b, dtype=np.uint8).ravel()) if not isinstance(b, bytes) else b for b in bins], list(issame)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MegaFace devkit files (eval_formats.md §4.1): OpenCV Mat feature files and JSON lists.
+
+
+def ref_feature_bytes(vector: np.ndarray) -> bytes:
+    """``matio.py``'s layout: int32 rows, cols, row stride in bytes, cv type (5 = CV_32F), then the float32 data."""
+    values = np.asarray(vector, dtype="<f4").ravel()
+    header = b"".join(v.to_bytes(4, "little", signed=True) for v in (values.size, 1, 4, 5))
+    return header + values.tobytes()
+
+
+def ref_read_feature(path: Path) -> np.ndarray:
+    data = Path(path).read_bytes()
+    rows, cols, stride, cv_type = (int.from_bytes(data[i:i + 4], "little", signed=True) for i in range(0, 16, 4))
+    assert cv_type == 5 and stride == 4 * cols, (rows, cols, stride, cv_type)
+    return np.frombuffer(data[16:16 + rows * stride], dtype="<f4").reshape(rows * cols)
+
+
+def ref_json_list(path: Path, paths: list[str], ids: list[str] | None = None) -> None:
+    """A devkit template list: ``{"path": [...]}`` plus ``"id"`` for the FaceScrub probe list."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"path": paths, **({"id": ids} if ids is not None else {})}))

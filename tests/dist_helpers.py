@@ -30,4 +30,4 @@ def run_ranks(fn, world_size: int, tmp_path: Path, *args):
     out_dir = tmp_path / "dist-out"
     out_dir.mkdir(exist_ok=True)
     mp.spawn(_entry, args=(world_size, str(init_file), str(out_dir), fn, args), nprocs=world_size, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

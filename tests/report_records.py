@@ -34,3 +34,17 @@ def write_record(results: Path, name: str, method: str, seed: int, accuracy: flo
         lfw["roc"] = {"far": [0.001, 0.01, 0.1, 1.0], "tar": [tar / 2, tar, min(1.0, 2 * tar), 1.0]}
     (directory / "metrics.json").write_text(json.dumps({"synth-lfw": lfw, **(extra_metrics or {})}))
     return directory
+
+
+def drawn_series(ax: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """``{legend label: (x, y)}`` of every labelled series an axes draws: lines (``plot``) and the data
+    points of error bars (``errorbar``); unlabelled artists (bands, bar caps, reference lines) are left out."""
+    series = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    series.update({c.get_label(): c.lines[0] for c in ax.containers if hasattr(c, "has_xerr")})
+    return {label: ([float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()])
+            for label, line in series.items()}
+
+
+def legend_labels(figure: Any) -> list[str]:
+    """The texts of a figure's legends (FaceBench puts one legend outside the axes, on the figure)."""
+    return [text.get_text() for legend in figure.legends for text in legend.get_texts()]

@@ -45,6 +45,10 @@ def test_bad_preset_gives_one_line_naming_file_and_key(tmp_path, yaml_text, mess
     ({"train.budget": "-5"}, r"train\.budget \(-5\) must be >= train\.batch_size"),
     ({"train.lr": "0"}, r"train\.lr must be > 0"),
     ({"train.device": "tpu"}, r"train\.device must be auto, cpu, cuda or cuda:N"),
+    # issue 12: these passed the old prefix check ("cuda" before the colon) and failed later in torch.device
+    ({"train.device": "cuda:x"}, r"train\.device must be auto, cpu, cuda or cuda:N \(N a device index\), got 'cuda:x'"),
+    ({"train.device": "cuda:"}, r"got 'cuda:'"),
+    ({"train.device": "cuda:0:1"}, r"got 'cuda:0:1'"),
     ({"data.synthface.label_noise": "1.5"}, r"label_noise must be in \[0, 1\)"),
     ({"train.amp": "maybe"}, r"'train\.amp' must be bool"),
     ({"trian.lr": "1"}, r"command line: unknown key 'trian'"),

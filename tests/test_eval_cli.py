@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,16 +30,44 @@ def _eval_args(root, *extra):
             "--no-progress", "--data-root", str(root), *extra]
 
 
+def _features_by_hand(model: torch.nn.Module, pack: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Flip-test features of a ``.bin``'s images and its pair flags, computed apart from bench.eval: the
+    pack read by the standard library's unpickler and Pillow, ``(x / 255 - 0.5) / 0.5``, ``f(x) + f(flip x)``."""
+    import io
+
+    from data_formats import ref_read_bin
+    from PIL import Image
+
+    entries, issame = ref_read_bin(pack.read_bytes())
+    pixels = np.stack([np.asarray(Image.open(io.BytesIO(entry)).convert("RGB")) for entry in entries])
+    batch = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    model.eval()
+    with torch.no_grad():
+        return (model(batch) + model(batch.flip(-1))).numpy(), np.asarray(issame)
+
+
 def test_eval_checkpoint_on_synthetic_protocols(tmp_path, shared_root, tiny_eval):
+    """``bench eval --checkpoint`` gives the numbers of the checkpoint's own features computed by hand.
+
+    Catches: the checkpoint not loaded (fresh weights), images decoded, normalised or flipped differently
+    from insightface's recipe, features in another order than the pack's pairs; a 0..1 range check did not.
+    """
+    from bench.eval.verification import verification_metrics
+
     checkpoint = tmp_path / "backbone.pth"
-    torch.save(build_backbone("small", embedding_size=32, input_size=32).state_dict(), checkpoint)
+    torch.manual_seed(5)
+    model = build_backbone("small", embedding_size=32, input_size=32)
+    torch.save(model.state_dict(), checkpoint)
     out = tmp_path / "metrics.json"
     result = runner.invoke(app, _eval_args(shared_root, "--protocol", "synth-lfw,synth-ijbc", "--checkpoint",
                                            str(checkpoint), "--out", str(out)))
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert set(metrics) == {"synth-lfw", "synth-ijbc"}
-    assert 0 <= metrics["synth-lfw"]["accuracy"] <= 1 and metrics["synth-ijbc"]["1:1"]["num_genuine"] == 8
+    expected = verification_metrics(*_features_by_hand(model, Path(metrics["synth-lfw"]["file"])))
+    assert metrics["synth-lfw"]["fold_accuracies"] == expected["fold_accuracies"]
+    assert metrics["synth-lfw"]["accuracy"] == expected["accuracy"] and 0.5 < expected["accuracy"] < 1.0
+    assert metrics["synth-ijbc"]["1:1"]["num_genuine"] == 8
     assert metrics["synth-lfw"]["model"]["backbone"] == "small"
     assert json.loads(out.read_text()) == metrics
 

@@ -3,6 +3,7 @@ Umeyama alignment, the file readers' errors, and the protocol end to end on a fo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,9 @@ def _expected_image_features() -> np.ndarray:
 
 
 def test_ijbc_protocol_end_to_end(tmp_path):
+    """A hand-written IJB-C folder through decode, alignment, pooling, 1:1 and 1:N, and the same numbers
+    from the expected per-image features. Catches broken alignment or resizing, wrong media pooling, and
+    1:N mates counted in the wrong gallery."""
     write_ijbc(tmp_path / "eval")
     data = DataSettings(root=str(tmp_path))
     protocol = PROTOCOLS.get("ijbc")(data, progress=False)
@@ -164,11 +168,34 @@ def test_ijbc_protocol_end_to_end(tmp_path):
     # expected per-image features, and the same template scores as a plain reference
     reference = protocol.score_features(_expected_image_features())
     assert reference["1:1"] == out["1:1"] and reference["1:N"] == out["1:N"]
-    # the detector score matters: without it the low-score wrong face of template 6 weighs more
-    plain = PROTOCOLS.get("ijbc")(data, progress=False, options=EvalSettings(ijb_detector_score=False))
-    no_score = plain.score_features(_expected_image_features())
-    assert no_score["conventions"]["mode"].startswith("N1D0F2")
-    assert no_score["conventions"]["image_feature"] == "f(x) + f(flip(x))"
+
+
+def test_detector_score_option_weights_images_as_hand_computed(tmp_path):
+    """``eval.ijb_detector_score`` changes the pooled templates exactly as the formula says.
+
+    Catches: the option being ignored (scores always or never applied), or applied after pooling. Features
+    are one-hot per subject, except the wrong face of template 6 (image 11, detector score 0.2), which is
+    3 x subject 1's. By hand, template 5 = e3 and template 1 = e1; template 6 is
+    with scores: 0.9 e3 + 0.2 * 3 e1 = (0.6, 0, 0.9): cos with e3 = 0.9 / 1.082 = 0.83 > cos with e1 = 0.55;
+    without: e3 + 3 e1: cos with e3 = 1 / sqrt(10) = 0.32 < cos with e1 = 3 / sqrt(10) = 0.95.
+    So of the pairs (5, 6) genuine and (1, 6) impostor, the genuine one wins only with scores: TAR is 1
+    at every FAR with them, and 0 at every FAR without (the single impostor is accepted first).
+    """
+    write_ijbc(tmp_path / "eval", pair_lines=["5 6 1", "1 6 0"])
+    features = np.zeros((len(IMAGES), 4))
+    for row, (_, _, _, subject, _) in enumerate(IMAGES):
+        features[row, subject - 1] = 1.0
+    features[10] = [3.0, 0.0, 0.0, 0.0]  # image 11.jpg
+    data = DataSettings(root=str(tmp_path))
+    results = {}
+    for with_scores in (True, False):
+        options = EvalSettings(ijb_detector_score=with_scores)
+        results[with_scores] = PROTOCOLS.get("ijbc")(data, progress=False, options=options).score_features(features)
+    assert set(results[True]["1:1"]["tar_at_far"].values()) == {1.0}
+    assert set(results[False]["1:1"]["tar_at_far"].values()) == {0.0}
+    assert results[True]["conventions"]["mode"].startswith("N1D1F2")
+    assert results[False]["conventions"]["mode"].startswith("N1D0F2")
+    assert results[False]["conventions"]["image_feature"] == "f(x) + f(flip(x))"
 
 
 def test_ijb_pairs_with_tied_scores(tmp_path):
@@ -193,9 +220,10 @@ def _edit(path: Path, old: str, new: str) -> None:
     (lambda m: (m / "ijbc_1N_gallery_G1.csv").write_text("7,1,12.jpg,9\n"), "must name TEMPLATE_ID and SUBJECT_ID"),
     (lambda m: (m / "ijbc_1N_probe_mixed.csv").write_text("TEMPLATE_ID,SUBJECT_ID\n55,1\n"),
      "template 55 has no image"),
-    (lambda m: (m / "ijbc_name_5pts_score.txt").unlink(), "ijbc_name_5pts_score.txt: image, 5 landmarks"),
 ])
 def test_bad_ijb_files_are_one_line_errors(tmp_path, edit, message):
+    """Malformed meta files are one-line errors naming the file (missing files and crops are in
+    tests/faults/test_faults_inputs.py). Catches a reader that accepts a bad line or loses the path."""
     folder = write_ijbc(tmp_path)
     edit(folder / "meta")
     with pytest.raises(DataError) as info:
@@ -203,19 +231,35 @@ def test_bad_ijb_files_are_one_line_errors(tmp_path, edit, message):
     assert message in str(info.value) and str(folder / "meta") in str(info.value) and "\n" not in str(info.value)
 
 
-def test_missing_1n_files_skip_1n_and_say_so(tmp_path):
-    folder = write_ijbc(tmp_path / "eval")
-    (folder / "meta" / "ijbc_1N_probe_mixed.csv").unlink()
-    out = PROTOCOLS.get("ijbc")(DataSettings(root=str(tmp_path)), progress=False).score_features(
-        _expected_image_features())
-    assert out["1:N"].startswith("skipped") and "rank-1" not in out["summary"]
+ONE_N_FILES = ("ijbc_1N_gallery_G1.csv", "ijbc_1N_gallery_G2.csv", "ijbc_1N_probe_mixed.csv")
 
 
-def test_undecodable_loose_crop(tmp_path):
+def _bench_eval_ijbc(tmp_path, monkeypatch):
+    """``bench eval --protocol ijbc --features`` on the folder under ``tmp_path/eval/IJBC``."""
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    monkeypatch.setenv("FACEBENCH_IJBC", str(tmp_path / "eval" / "IJBC"))
+    np.save(tmp_path / "features.npy", _expected_image_features())
+    return CliRunner().invoke(app, ["eval", "--protocol", "ijbc", "--features", str(tmp_path / "features.npy"),
+                                    "--no-progress", "--data-root", str(tmp_path)])
+
+
+def test_a_wholly_absent_1n_protocol_is_skipped_with_a_warning_naming_the_paths(tmp_path, monkeypatch):
+    """Issue 13: none of the 1:N files (the original IJB meta). Catches a silent skip and a warning that
+    does not say exactly what was looked for: 1:1 is evaluated, stderr has one warning with every path."""
     folder = write_ijbc(tmp_path / "eval")
-    (folder / "loose_crop" / "5.jpg").write_bytes(b"\xff\xd8 truncated")
-    with pytest.raises(DataError, match=r"loose_crop/5.jpg: (cannot decode image|not a JPEG)"):
-        PROTOCOLS.get("ijbc")(DataSettings(root=str(tmp_path)), progress=False)
+    for name in ONE_N_FILES:
+        (folder / "meta" / name).unlink()
+    result = _bench_eval_ijbc(tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    paths = ", ".join(str(folder / "meta" / name) for name in ONE_N_FILES)
+    assert warnings == [f"warning: ijbc: 1:N skipped (1:1 only): none of its files exists; looked for {paths}"]
+    out = json.loads(result.stdout)["ijbc"]
+    assert out["1:N"] == f"skipped: none of {paths} exists" and "rank-1" not in out["summary"]
+    assert out["1:1"]["num_pairs"] == 15
 
 
 def test_synth_ijbc_folder_is_real_format(tmp_path, tiny_eval):

@@ -1,5 +1,9 @@
 """MegaFace: devkit feature files and lists, the hit rule on hand-placed features (a tie included),
-streaming invariance, the verification read-off, raw vs refined, and the protocol end to end."""
+streaming invariance, the verification read-off, raw vs refined, and the protocol end to end.
+
+Feature files and JSON lists read by the library are written by the independent writers of
+``tests/data_formats.py``; the library's writers are checked by reading their files back with those readers.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from data_formats import ref_feature_bytes, ref_json_list, ref_read_feature
 from torch import nn
 
 from bench.config import DataSettings, EvalSettings
@@ -72,12 +77,19 @@ def test_top_impostor_read_off_equals_the_full_roc_at_most_rule():
 
 
 def test_feature_files_round_trip_and_errors(tmp_path):
+    """Devkit Mat files: the library reads the independent writer's bytes, its own writer's bytes read back
+    with the independent reader, and every malformed header is a one-line error. Catches a wrong header
+    field order or type code, a dropped value, and a reader that accepts garbage."""
     vector = np.arange(512, dtype=np.float32) / 7
+    reference = tmp_path / "r" / "x.jpg_r100.bin"
+    reference.parent.mkdir()
+    reference.write_bytes(ref_feature_bytes(vector))
+    assert np.array_equal(read_feature_file(reference), vector)
     path = tmp_path / "a" / "x.jpg_r100.bin"
     write_feature_file(path, vector)
     assert path.stat().st_size == 2064  # 16-byte header + 512 float32, as insightface writes them
     assert struct.unpack("<4i", path.read_bytes()[:16]) == (512, 1, 4, 5)
-    assert np.array_equal(read_feature_file(path), vector)
+    assert np.array_equal(ref_read_feature(path), vector) and path.read_bytes() == reference.read_bytes()
     doubles = tmp_path / "d.bin"
     doubles.write_bytes(struct.pack("<4i", 1, 3, 24, 6) + np.array([1.0, 2.0, 3.0]).tobytes())
     assert read_feature_file(doubles).tolist() == [1.0, 2.0, 3.0]
@@ -91,8 +103,13 @@ def test_feature_files_round_trip_and_errors(tmp_path):
 
 
 def test_lists(tmp_path):
-    write_json_list(tmp_path / "p.json", ["A/A_1.png", "B/B_1.png"], ["A", "B"])
+    """JSON template lists and noise lists: the library reads the independent writer's list and its own
+    writer's list is the devkit's ``{"path", "id"}`` object. Catches swapped or dropped keys and ids that
+    lose their order."""
+    ref_json_list(tmp_path / "p.json", ["A/A_1.png", "B/B_1.png"], ["A", "B"])
     assert read_json_list(tmp_path / "p.json", with_ids=True) == (["A/A_1.png", "B/B_1.png"], ["A", "B"])
+    write_json_list(tmp_path / "w.json", ["A/A_1.png", "B/B_1.png"], ["A", "B"])
+    assert json.loads((tmp_path / "w.json").read_text()) == {"path": ["A/A_1.png", "B/B_1.png"], "id": ["A", "B"]}
     (tmp_path / "bad.json").write_text(json.dumps({"path": ["x"], "id": []}))
     with pytest.raises(DataError, match="'id' list as long as 'path'"):
         read_json_list(tmp_path / "bad.json", with_ids=True)
@@ -145,15 +162,18 @@ def write_megaface(root):
         (folder / "megaface_images" / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / "megaface_images" / path).write_bytes(encode_jpeg(_solid(colour), 95))
         paths.append(path)
-    write_json_list(folder / "templatelists" / "facescrub_features_list.json", probe_paths, ids)
-    write_json_list(folder / "templatelists" / "megaface_features_list.json_10_1", paths[:10])
-    write_json_list(folder / "templatelists" / "megaface_features_list.json_20_1", paths)
+    ref_json_list(folder / "templatelists" / "facescrub_features_list.json", probe_paths, ids)
+    ref_json_list(folder / "templatelists" / "megaface_features_list.json_10_1", paths[:10])
+    ref_json_list(folder / "templatelists" / "megaface_features_list.json_20_1", paths)
     (folder / "facescrub_noises.txt").write_text("#comment\nAnn_1.png\nZed_3.png\n")
     (folder / "megaface_noises.txt").write_text(f"#comment\n{paths[7]}\n")
     return folder
 
 
 def test_megaface_protocol_raw_and_refined(tmp_path):
+    """A hand-written devkit folder (lists by the independent writer): raw and refined rank-1 as reasoned
+    in the comments, then the same numbers from devkit feature files written by the independent writer.
+    Catches a wrong hit rule or tie rule, noise lists not applied, and a feature-file path that disagrees."""
     folder = write_megaface(tmp_path)
     protocol = PROTOCOLS.get("megaface")(DataSettings(root=str(tmp_path)), progress=False)
     out = protocol.evaluate(MeanColour(), torch.device("cpu"), batch_size=8)
@@ -172,11 +192,13 @@ def test_megaface_protocol_raw_and_refined(tmp_path):
     features = tmp_path / "features"
     probes = protocol.probe_images
     feats = (2 * MeanColour()(probes.float() / 127.5 - 1)).numpy()
-    for path, f in zip(protocol.set.probe_paths, feats):
-        write_feature_file(features / "facescrub" / (path + "_toy.bin"), f)
     distractor_feats = (2 * MeanColour()(protocol.distractor_images.float() / 127.5 - 1)).numpy()
-    for path, f in zip(protocol.set.distractor_paths, distractor_feats):
-        write_feature_file(features / "megaface" / (path + "_toy.bin"), f)
+    for kind, paths, vectors in (("facescrub", protocol.set.probe_paths, feats),
+                                 ("megaface", protocol.set.distractor_paths, distractor_feats)):
+        for path, f in zip(paths, vectors):
+            file = features / kind / (path + "_toy.bin")
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(ref_feature_bytes(f))
     again = protocol.score_features(features)
     for variant in ("raw", "refined"):
         assert again[variant]["identification"] == out[variant]["identification"]
@@ -189,14 +211,27 @@ def test_megaface_protocol_raw_and_refined(tmp_path):
         PROTOCOLS.get("megaface")(DataSettings(root=str(tmp_path)), progress=False)
 
 
-def test_megaface_bad_lists(tmp_path):
-    folder = write_megaface(tmp_path)
-    write_json_list(folder / "templatelists" / "megaface_features_list.json_10_1", ["0/0@N00/0_0.jpg"])
-    with pytest.raises(DataError, match="the name says 10 distractors, the list holds 1"):
-        PROTOCOLS.get("megaface")(DataSettings(root=str(tmp_path)), progress=False)
+def test_megaface_images_are_brought_to_the_model_input_size_and_the_record_says_so(tmp_path):
+    """A model of input 16 gets the 32 px devkit images resized, and the conventions name both sizes; at the
+    stored size they say nothing. Catches evaluation at a fixed size and a resize the record hides."""
+    from bench.eval import build_protocol
+
+    write_megaface(tmp_path)
+    data = DataSettings(root=str(tmp_path))
+    small = build_protocol("megaface", data, progress=False, input_size=16)
+    assert small.probe_images.shape[1:] == (3, 16, 16) and small.distractor_images.shape[1:] == (3, 16, 16)
+    out = small.evaluate(MeanColour(), torch.device("cpu"), batch_size=8)
+    assert out["conventions"]["feature"] == ("normalise(f(x) + f(flip(x))); images stored at 32x32 resized to "
+                                             "16x16 with antialiasing")
+    same = build_protocol("megaface", data, progress=False, input_size=32).evaluate(MeanColour(), torch.device("cpu"),
+                                                                                    batch_size=8)
+    assert same["conventions"]["feature"] == "normalise(f(x) + f(flip(x)))"
 
 
 def test_synth_megaface_folder_is_devkit_format(tmp_path, tiny_eval):
+    """synth-megaface is a devkit folder read by the real readers, and its rank-1 (raw and refined, every
+    size) equals plain loops over its images. Catches a wrong list size, missing noise lists, and any
+    scoring error on the synthetic set that a 0..1 range check would let through."""
     protocol = PROTOCOLS.get("synth-megaface")(DataSettings(root=str(tmp_path)), progress=False)
     root = protocol.set.root
     assert protocol.set.sizes == [10, 40] and len(protocol.set.probe_paths) == 12
@@ -204,4 +239,35 @@ def test_synth_megaface_folder_is_devkit_format(tmp_path, tiny_eval):
     assert read_noise_list(root / "facescrub_noises.txt")  # listed, with decoys
     out = protocol.evaluate(MeanColour(), torch.device("cpu"), batch_size=64)
     assert set(out) >= {"raw", "refined", "summary", "conventions"}
-    assert 0.0 <= out["summary"]["rank-1 refined"] <= 1.0
+    # rank-1 at every size against plain loops over the protocol's own images and lists
+    probes = _mean_colour_features(protocol.probe_images)
+    distractors = _mean_colour_features(protocol.distractor_images)
+    refined = refined_probes(probes, protocol.set.probe_ids, protocol.set.probe_noise)
+    for row, size in enumerate(protocol.set.sizes):
+        members = protocol.set.membership[row]
+        clean = members & ~protocol.set.distractor_noise
+        assert out["raw"]["identification"][str(size)]["rank"]["1"] == _rank1_by_hand(
+            probes, protocol.set.probe_ids, distractors[members])
+        assert out["refined"]["identification"][str(size)]["rank"]["1"] == _rank1_by_hand(
+            refined, protocol.set.probe_ids, distractors[clean])
+    assert out["summary"]["rank-1 refined"] == out["refined"]["identification"]["40"]["rank"]["1"]
+
+
+def _mean_colour_features(images: torch.Tensor) -> np.ndarray:
+    """What :class:`MeanColour` gives through the flip test: twice the mean of ``x / 127.5 - 1`` (the mean
+    colour is the same for a mirrored image)."""
+    return 2 * (images.double().numpy() / 127.5 - 1.0).mean(axis=(2, 3))
+
+
+def _rank1_by_hand(probes: np.ndarray, labels: list[str], distractors: np.ndarray) -> float:
+    """The MegaFace rank-1 rule in plain loops: for each ordered pair (gallery i, probe j) of one identity,
+    found when cos(j, i) >= cos(j, d) for every distractor d; the share of pairs found."""
+    unit = probes / np.linalg.norm(probes, axis=1, keepdims=True)
+    others = distractors / np.linalg.norm(distractors, axis=1, keepdims=True)
+    found = pairs = 0
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if i != j and labels[i] == labels[j]:
+                pairs += 1
+                found += all(unit[j] @ unit[i] >= unit[j] @ d for d in others)
+    return found / pairs

@@ -64,23 +64,20 @@ def test_sharded_folder_labels_and_shards(tmp_path) -> None:
         assert np.array_equal(dataset.decode(index), all_pixels[relative])
 
 
-def test_mixed_shapes_and_empty_folders_are_errors(tmp_path) -> None:
-    _make_flat(tmp_path / "mixed", {"id": 1})
-    _make_flat(tmp_path / "mixed" / "shard", {"inner": 1})
-    with pytest.raises(DataError, match="mixes root/<identity>/<image> .* and root/<shard>/<identity>/<image>"):
-        FolderDataset(tmp_path / "mixed")
+def test_empty_and_absent_folders_are_errors(tmp_path) -> None:
+    """FolderDataset's own messages for a root without identity folders and a missing root (`bench run`
+    finds these in dataset location first; a mixed tree, a folder without images and a broken first image
+    are in tests/faults/test_faults_inputs.py). Catches an empty dataset accepted with zero classes."""
     (tmp_path / "no_ids").mkdir()
     with pytest.raises(DataError, match="no identity folders"):
         FolderDataset(tmp_path / "no_ids")
-    (tmp_path / "no_images" / "x").mkdir(parents=True)
-    (tmp_path / "no_images" / "x" / "a.txt").write_text("")
-    with pytest.raises(DataError, match="no images found"):
-        FolderDataset(tmp_path / "no_images")
     with pytest.raises(DataError, match="image folder not found"):
         FolderDataset(tmp_path / "absent")
 
 
 def test_undecodable_and_missing_images_name_the_file(tmp_path) -> None:
+    """Decoding a broken or vanished image (not the first: that one is checked when the folder is opened, in
+    tests/faults/test_faults_inputs.py) is one line naming the file. Catches a decode error without its path."""
     _make_flat(tmp_path, {"a": 2})
     bad = tmp_path / "a" / "02.png"
     bad.write_bytes(b"\x89PNG broken")
@@ -91,10 +88,6 @@ def test_undecodable_and_missing_images_name_the_file(tmp_path) -> None:
     bad.unlink()
     with pytest.raises(DataError, match="02.png: cannot read image"):
         dataset.decode(1)
-    # The first image gives the dataset's image size, so a broken first image fails at once.
-    (tmp_path / "a" / "01.png").write_bytes(b"broken")
-    with pytest.raises(DataError, match="01.png: undecodable image"):
-        FolderDataset(tmp_path)
 
 
 def test_pack_writes_an_im2rec_file_read_back_exactly(tmp_path) -> None:

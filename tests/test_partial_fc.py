@@ -155,6 +155,17 @@ def test_configuration_errors():
         head.attach_optimizer(torch.optim.RMSprop(head.parameters()))
 
 
+def test_subcenter_is_not_a_partial_fc_margin():
+    """README (Methods, ``pfc``): Partial FC takes every margin head's rule except sub-center's. Catches a
+    silent acceptance of ``margin="subcenter"`` (its max over sub-centers has no rule Partial FC could
+    apply), and a README list that drifts from the registry of margins."""
+    from methods.partial_fc import PFC_MARGINS
+
+    assert PFC_MARGINS.names() == ["arcface", "combined", "cosface", "mvsoftmax", "npcface"]
+    with pytest.raises(UnknownNameError, match="unknown Partial FC margin 'subcenter'"):
+        PartialFC(4, 10, margin="subcenter")
+
+
 def test_margin_params_reach_the_rule():
     head = PartialFC(4, 10, margin="cosface", margin_params={"m": "0.35", "s": 30})
     assert head.rule.m == 0.35 and head.rule.s == 30.0

@@ -6,8 +6,9 @@ settings) and ``metrics.json`` holding one ``head-profile`` row per case x class
 ``ok`` with a positive step time and step / floor; ``logit_columns`` equals the closed form of each case
 (full FC ``C``; Partial FC ``max(ceil(r C), B)``; DCQ ``max(G, floor(0.1 C) // G * G)``; Prototype Memory
 ``min(C, 16384)``; SST ``max(G, min(16384, C // 2) // G * G)``; ``G = B / 2``), and agrees with the sizes the
-methods themselves derive; a budget between two cases' estimates runs the smaller and reports the larger
-``over budget`` without running it; ``10k,1.5M`` parses to 10,000 and 1,500,000 and bad input is one
+methods themselves derive; the estimates equal their hand-computed formulas; a budget far between two
+cases' estimates runs the smaller and reports the larger ``over budget`` without running it; the profile
+figure draws each case's rows (and the over-budget estimates); ``10k,1.5M`` parses to 10,000 and 1,500,000 and bad input is one
 ``error:`` line with exit 2. Toy sizes (B = 16, D = 32, one timed step); the file takes about 10-20 s.
 """
 
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.profile import CASES, parse_counts
-from bench.profiling import resident_bytes
+from tests.report_records import drawn_series, legend_labels
 from methods.registry import ConfigError
 
 runner = CliRunner()
@@ -138,27 +139,56 @@ def test_command_prints_the_table(profiled: tuple[Path, Any]) -> None:
     assert "record " in result.stderr and "pfc-0.1" in result.stderr
 
 
-def test_memory_budget_between_estimates_skips_the_larger_case(tmp_path: Path) -> None:
+def test_estimates_match_the_hand_computed_formulas() -> None:
+    """Catches: an estimate that forgets a term (Partial FC's sampling scores and indices, 3 C int64;
+    full FC's weight-decay temporary): the numbers the budget and the README's memory formulas rely on."""
     classes, cpu = 1_000_000, torch.device("cpu")
     full = CASES.get("arcface")(classes, BATCH, DIM, cpu).estimate_bytes()
     partial = CASES.get("pfc-0.1")(classes, BATCH, DIM, cpu).estimate_bytes()
     # by hand: full FC 4 C D + 3 B C floats; PFC 2 C D + 4 K D + 3 B K floats + 3 C int64, K = 100,000
     assert full == 4 * (4 * classes * DIM + 3 * BATCH * classes) == 704_000_000
     assert partial == 4 * (2 * classes * DIM + 4 * 100_000 * DIM + 3 * BATCH * 100_000) + 24 * classes == 350_400_000
-    # the budget covers what the process holds plus the midpoint of the two estimates
-    budget = resident_bytes() + (full + partial) // 2
-    result = runner.invoke(app, ["profile", "--classes", "1M", "--methods", "arcface,pfc-0.1", "--batch-size",
+
+
+def test_memory_budget_skips_cases_whose_estimate_exceeds_it(tmp_path: Path) -> None:
+    """Catches: a case over the budget being run (or reported ok), or one within it being skipped.
+
+    The outcome does not depend on what this process holds: 8 GiB is over 10,000 times the 1k-class
+    cases' own estimates (under 1 MB; the recorded estimate adds the process's RSS, about 1 GiB under
+    pytest) and under a quarter of the 1,000M-class ones' (350 GB and 704 GB), so only a process holding
+    nearly 8 GiB could move a case across it (the test it replaces had a margin of 177 MB).
+    """
+    budget_gib, small, huge, cpu = 8.0, 1_000, 1_000_000_000, torch.device("cpu")
+    budget = budget_gib * 2**30
+    result = runner.invoke(app, ["profile", "--classes", "1k,1000M", "--methods", "arcface,pfc-0.1", "--batch-size",
                                  str(BATCH), "--embedding-size", str(DIM), "--steps", "1", "--device", "cpu",
-                                 "--memory-budget-gb", str(budget / 2**30), "--out", str(tmp_path)])
+                                 "--memory-budget-gb", str(budget_gib), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     (record,) = tmp_path.iterdir()
-    over, ran = _metrics(record)
-    assert over["method"] == "arcface" and over["status"] == "over budget"
-    assert over["estimate_bytes"] > budget and "step_ms" not in over
-    assert ran["method"] == "pfc-0.1" and ran["status"] == "ok" and ran["estimate_bytes"] <= budget
-    assert ran["logit_columns"] == 100_000 and ran["step_ms"] > 0
-    line = next(line for line in result.stdout.splitlines() if line.startswith("| arcface"))
-    assert line.rstrip().endswith("over budget |")
+    rows = _metrics(record)
+    assert [(r["method"], r["classes"], r["status"]) for r in rows] == [
+        ("arcface", small, "ok"), ("arcface", huge, "over budget"), ("pfc-0.1", small, "ok"),
+        ("pfc-0.1", huge, "over budget")]
+    for row in rows:
+        own = CASES.get(row["method"])(row["classes"], BATCH, DIM, cpu).estimate_bytes()
+        assert row["estimate_bytes"] > own  # the recorded estimate adds what the process held (its RSS)
+        if row["status"] == "ok":
+            assert own < budget / 10_000 and row["step_ms"] > 0
+        else:
+            assert own > 4 * budget and "step_ms" not in row
+    assert rows[2]["logit_columns"] == 100 and rows[3]["logit_columns"] == 100_000_000
+    over = [line for line in result.stdout.splitlines() if line.rstrip().endswith("over budget |")]
+    assert [line.split("|")[1].strip() for line in over] == ["arcface", "pfc-0.1"]
+    # the figure marks each case over budget at its estimate (hollow marker), labelled in the legend
+    import matplotlib.pyplot as plt
+
+    figure = _profile_drawing(tmp_path)
+    _, memory_ax = figure.axes
+    markers = [(list(line.get_xdata()), list(line.get_ydata())) for line in memory_ax.get_lines()
+               if line.get_linestyle() == "None"]
+    assert markers == [([huge], [rows[1]["estimate_bytes"] / 2**30]), ([huge], [rows[3]["estimate_bytes"] / 2**30])]
+    assert legend_labels(figure)[-2:] == ["budget 8 GiB", "over budget\n(estimate, not run)"]
+    plt.close(figure)
 
 
 def test_parse_counts() -> None:
@@ -202,3 +232,34 @@ def test_report_draws_the_profile_table_and_figure(profiled: tuple[Path, Any], t
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert "](figures/profile-cpu.png)" in md
     assert "\\toprule" in (out / "results.tex").read_text()
+
+
+def _profile_drawing(results: Path) -> Any:
+    from bench.records import iter_records
+    from bench.report.figures import draw_figures
+
+    (drawing,) = draw_figures(iter_records(results))
+    assert drawing.name == "profile-cpu"
+    return drawing.figure
+
+
+def test_profile_figure_draws_every_case_from_its_rows(profiled: tuple[Path, Any]) -> None:
+    """Catches: a case missing from the figure, a curve not following its record's rows (img/s and peak
+    GiB per class count), or the budget line or legend lost."""
+    import matplotlib.pyplot as plt
+
+    record, _ = profiled
+    rows = _metrics(record)
+    figure = _profile_drawing(record.parent)
+    speed_ax, memory_ax = figure.axes
+    classes = [float(c) for c in CLASSES]
+    expected_speed = {case: (classes, pytest.approx([r["img_s"] for r in rows if r["method"] == case]))
+                      for case in CASE_NAMES}
+    expected_memory = {case: (classes, pytest.approx([r["peak_bytes"] / 2**30 for r in rows if r["method"] == case]))
+                       for case in CASE_NAMES}
+    assert drawn_series(speed_ax) == expected_speed
+    assert drawn_series(memory_ax) == expected_memory
+    unlabelled = [list(line.get_ydata()) for line in memory_ax.get_lines() if line.get_label().startswith("_")]
+    assert unlabelled == [[16.0, 16.0]]  # the budget line, at 16 GiB
+    assert legend_labels(figure) == [*CASE_NAMES, "budget 16 GiB"]
+    plt.close(figure)

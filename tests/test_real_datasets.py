@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_formats import image_array, png, write_im2rec, write_insightface
+from data_formats import image_array, png, ref_bin, write_im2rec, write_insightface
 
 from bench.config import DataSettings, SplitSettings
 from bench.data.datasets import DATASETS, TrainSet, build_trainset
@@ -75,6 +75,23 @@ def test_missing_data_says_what_to_set(tmp_path, monkeypatch) -> None:
         build_trainset(settings, progress=False)
 
 
+def test_missing_data_of_a_two_format_card_reads_right(tmp_path, monkeypatch) -> None:
+    """The whole one-line message for a card that takes a .rec or an image folder (webface4m).
+
+    Catches the old typo "no an image folder" and any other garbling of the sentence.
+    """
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("FACEBENCH_WEBFACE4M", str(tmp_path / "empty"))
+    with pytest.raises(DataError) as exc:
+        locate(load_card(CARD_DIR / "webface4m.yaml"), DataSettings(dataset="webface4m", root=str(tmp_path)))
+    wanted = ("train.rec, train.idx and property, or identity folders (<identity>/<image> or "
+              "<shard>/<identity>/<image>)")
+    assert str(exc.value).startswith(f"dataset webface4m: no {wanted} in {tmp_path / 'empty'} "
+                                     f"(from $FACEBENCH_WEBFACE4M); set FACEBENCH_WEBFACE4M=DIR (or --set "
+                                     f"data.path=DIR) to the folder holding {wanted}; ")
+    assert "no an " not in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_locate_order_path_then_env_then_root(tmp_path, monkeypatch) -> None:
     for name in ("a", "b", "root/tiny"):
         write_insightface(tmp_path / name, [[png(image_array(0))]])
@@ -92,14 +109,38 @@ def _tiny_insightface(directory, counts=(3, 1, 4, 2, 5, 2), size=32):
     return [a for group in arrays for a in group]
 
 
+def _longtail_counts_by_hand(counts: list[int], seed: int, keep_identities: int, exponent: float,
+                             min_images: int) -> dict[int, int]:
+    """Images per kept identity of the long-tail recipe as bench/data/splits.py documents it, recomputed
+    plainly: stream (seed, 0) picks the identities, stream (seed, 1) draws one power-law count per identity
+    id 0..largest kept id, each capped at what the identity has."""
+    kept = sorted(np.random.default_rng([seed, 0]).choice(len(counts), size=keep_identities, replace=False))
+    support = list(range(min_images, max(counts[c] for c in kept) + 1))
+    weights = [n ** -exponent for n in support]
+    draws = np.random.default_rng([seed, 1]).choice(support, size=max(kept) + 1,
+                                                    p=[w / sum(weights) for w in weights])
+    return {int(c): min(int(draws[c]), counts[c]) for c in kept}
+
+
 def test_splits_come_from_labels_alone(tmp_path, monkeypatch) -> None:
+    """Shallow and long-tail splits of a card dataset come from the labels (no image decoded but the one
+    size check), are cached under the data root, and keep the recipe's per-identity counts.
+
+    Catches: a split that decodes images; a shallow split keeping the wrong number per identity; a broken
+    long-tail recipe (wrong exponent use, no cap, wrong stream or seed), checked identity by identity
+    against :func:`_longtail_counts_by_hand`.
+    """
     _tiny_insightface(tmp_path / "data")
     card = _card(tmp_path, 6, 17)
-    monkeypatch.setattr(EncodedDataset, "decode", lambda *a: pytest.fail("decoded an image to build a split"))
+    decoded = []
+    real_decode = EncodedDataset.decode
+    monkeypatch.setattr(EncodedDataset, "decode", lambda self, index: decoded.append(index) or real_decode(self, index))
     settings = DataSettings(dataset="custom", card=card, path=str(tmp_path / "data"), root=str(tmp_path / "root"),
                             split=SplitSettings(name="shallow", seed=3))
     trainset = build_trainset(settings, progress=False)
     assert isinstance(trainset, EncodedTrainSet)
+    # One decode only: the size check of the split's first image (a split that decoded images would do 17).
+    assert decoded == [int(trainset.pool_indices[0])]
     assert trainset.info["split"]["images_per_identity"]["histogram"] == {"1": 1, "2": 5}
     assert trainset.info["card"]["matches"] and trainset.info["source"]["layout"] == "insightface"
     assert len(trainset) == 11 and trainset.num_classes == 6
@@ -109,6 +150,25 @@ def test_splits_come_from_labels_alone(tmp_path, monkeypatch) -> None:
                                            root=str(tmp_path / "root"),
                                            split=SplitSettings(name="longtail", max_identities=4)), progress=False)
     assert longtail.num_classes == 4 and longtail.info["split"]["recipe"]["exponent"] == 1.5
+    kept, per_identity = np.unique(longtail.identities, return_counts=True)
+    expected = _longtail_counts_by_hand([3, 1, 4, 2, 5, 2], seed=0, keep_identities=4, exponent=1.5, min_images=1)
+    assert dict(zip(kept.tolist(), per_identity.tolist())) == expected
+
+
+@pytest.mark.parametrize("seed, exponent, min_images", [(0, 1.5, 1), (7, 2.0, 2)])
+def test_longtail_counts_match_the_documented_recipe_on_a_larger_pool(seed, exponent, min_images) -> None:
+    """The long-tail split of a 300-identity pool (1-30 images each), identity by identity, against
+    :func:`_longtail_counts_by_hand`. Catches what the 6-identity pool above is too small to tell apart:
+    an exponent used with the wrong sign or scale, a wrong lower bound, draws in another order."""
+    from bench.data.splits import make_split
+
+    counts = np.random.default_rng(123).integers(1, 31, size=300).tolist()
+    labels = np.repeat(np.arange(300), counts)
+    split = make_split(labels, SplitSettings(name="longtail", seed=seed, longtail_exponent=exponent,
+                                             longtail_min_images=min_images, max_identities=250))
+    kept, per_identity = np.unique(labels[split.indices], return_counts=True)
+    assert dict(zip(kept.tolist(), per_identity.tolist())) == _longtail_counts_by_hand(
+        counts, seed, keep_identities=250, exponent=exponent, min_images=min_images)
 
 
 def test_encoded_trainset_loads_exact_pixels_and_renumbered_labels(tmp_path) -> None:
@@ -200,3 +260,41 @@ def test_card_for_uses_the_override(tmp_path) -> None:
     card = _card(tmp_path, 1, 1)
     assert card_for(DataSettings(dataset="ms1mv2", card=card)).name == "tiny"
     assert card_for(DataSettings(dataset="ms1mv2")).name == "ms1mv2"
+
+
+def _lfw_pack(path, size: int = 112, pairs: int = 20) -> None:
+    """A ``.bin`` of ``size`` px images (insightface's packs are 112 px), written by the independent writer."""
+    images = [png(image_array(7000 + k, size)) for k in range(2 * pairs)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(ref_bin(images, [k % 2 == 0 for k in range(pairs)]))
+
+
+@pytest.mark.slow
+def test_a_32px_pack_trains_and_evaluates_at_its_own_size(tmp_path, tiny_eval, monkeypatch) -> None:
+    """Issue 12: a valid 32 x 32 pack with a ``custom`` card trains, then evaluates at 32 px.
+
+    Catches: evaluation at a fixed 112 px for real data (the backbone, built at 32, failed with "mat1 and
+    mat2 shapes cannot be multiplied" after the whole budget), evaluation at SynthFace's image size instead
+    of the backbone's (set to 16 here so that the two differ), and conventions that hide a resize.
+    """
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+    from bench.records import iter_records
+
+    _tiny_insightface(tmp_path / "data", size=32)
+    _lfw_pack(tmp_path / "lfw.bin")
+    monkeypatch.setenv("FACEBENCH_LFW", str(tmp_path / "lfw.bin"))
+    result = CliRunner().invoke(app, [
+        "run", "--methods", "arcface", "--dataset", "custom", "--eval", "lfw,synth-lfw", "--budget", "32",
+        "--batch-size", "16", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "results"),
+        "--data-root", str(tmp_path / "root"), "--set", f"data.card={_card(tmp_path, 6, 17)}",
+        "--set", f"data.path={tmp_path / 'data'}", "--set", "data.workers=0", "--set", "train.embedding_size=16",
+        "--set", "data.synthface.image_size=16"])
+    assert result.exit_code == 0, result.output
+    (record,) = iter_records(tmp_path / "results")
+    metrics = record["metrics"]
+    assert metrics["lfw"]["conventions"]["images"] == "112x112 from lfw.bin, resized to 32x32 with antialiasing"
+    assert metrics["synth-lfw"]["conventions"]["images"] == \
+        "16x16 from synth-lfw.bin, resized to 32x32 with antialiasing"
+    assert metrics["lfw"]["num_pairs"] == 20 and len(metrics["lfw"]["fold_accuracies"]) == 10

@@ -22,7 +22,7 @@ from bench.report.tables import (
     to_markdown,
     write_report,
 )
-from tests.report_records import write_record
+from tests.report_records import drawn_series, legend_labels, write_record
 
 runner = CliRunner()
 
@@ -127,6 +127,52 @@ def test_write_report_writes_markdown_latex_and_figures(results, tmp_path):
         assert (out / "figures" / png).with_suffix(".pdf").stat().st_size > 1000
         assert (out / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out / "results.tex" in paths and (out / "figures" / pngs[0]) in paths
+
+
+def test_figures_draw_each_method_with_its_mean_over_seeds(results):
+    """The series inside each figure, against values computed by hand from the records (write_record:
+    ROC TAR at FAR 0.001, 0.01, 0.1, 1 is tar/2, tar, min(1, 2 tar), 1; TAR@FAR 0.001 and 0.01 is tar/2
+    and tar; loss 10/step + seed; lr 0.1 (1 - step/5); 100 samples per step). Catches: a method left out
+    of a figure, series drawn per seed instead of their mean, a wrong column on an axis, a lost legend,
+    a missing ± 1 std band."""
+    import matplotlib.pyplot as plt
+
+    from bench.report.figures import draw_figures
+
+    drawings = {d.name: d.figure for d in draw_figures(iter_records(results))}
+    slug = "synthface-shallow-small-1000"
+    assert sorted(drawings) == sorted(f"{kind}-{slug}" for kind in ("roc-synth-lfw", "tar-at-far", "training", "cost"))
+    arc, cos = "arcface (n=3)", "cosface (n=2)"
+    for figure in drawings.values():
+        assert legend_labels(figure) == [arc, cos]
+
+    (roc,) = drawings[f"roc-synth-lfw-{slug}"].axes
+    far = [0.001, 0.01, 0.1, 1.0]
+    # arcface: tar 0.2, 0.3, 0.4 -> mean 0.3; cosface: tar 0.5, 0.6 (2 tar capped at 1)
+    assert drawn_series(roc) == {arc: (far, pytest.approx([15.0, 30.0, 60.0, 100.0])),
+                                 cos: (far, pytest.approx([27.5, 55.0, 100.0, 100.0]))}
+    assert len(roc.collections) == 2  # a ± 1 std band per method (both have several seeds)
+
+    (tar,) = drawings[f"tar-at-far-{slug}"].axes
+    points = drawn_series(tar)
+    assert set(points) == {arc, cos}
+    assert points[arc][1] == pytest.approx([15.0, 30.0]) and points[cos][1] == pytest.approx([27.5, 55.0])
+    for x, _ in points.values():  # FAR 0.001 and 0.01, dodged by a few percent so the error bars do not overlap
+        assert x == pytest.approx([0.001, 0.01], rel=0.1)
+
+    loss, lr = drawings[f"training-{slug}"].axes
+    thousands = [0.1, 0.2, 0.3, 0.4]
+    assert drawn_series(loss) == {arc: (thousands, pytest.approx([10.0 / s + 1.0 for s in range(1, 5)])),
+                                  cos: (thousands, pytest.approx([10.0 / s + 0.5 for s in range(1, 5)]))}
+    schedule = pytest.approx([0.1 * (1 - s / 5) for s in range(1, 5)])
+    assert drawn_series(lr) == {arc: (thousands, schedule), cos: (thousands, schedule)}
+
+    speed_memory, accuracy_speed = drawings[f"cost-{slug}"].axes
+    assert drawn_series(speed_memory) == {arc: ([520.0], [1100.0]), cos: ([470.0], [925.0])}
+    assert drawn_series(accuracy_speed) == {arc: ([1100.0], [pytest.approx(82.0)]),
+                                            cos: ([925.0], [pytest.approx(79.0)])}
+    for figure in drawings.values():
+        plt.close(figure)
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX toolchain installed")

@@ -90,6 +90,8 @@ class EncodedDataset(ABC):
     num_classes: int
     #: (H, W) every image must have: from ``property`` or the first image. Decoded images are checked.
     image_size: tuple[int, int]
+    #: Where :attr:`image_size` comes from, for messages (a ``property`` file, or the first image).
+    image_size_origin: str = "the first image"
     #: Entries that were not images (folders only), counted and logged.
     skipped: int = 0
 
@@ -113,7 +115,8 @@ class EncodedDataset(ABC):
         image = decode_image(self.encoded(index), lambda: self.where(index))
         if image.shape[:2] != self.image_size:
             raise DataError(f"{self.where(index)}: image is {image.shape[0]}x{image.shape[1]}, but this dataset's "
-                            f"images are {self.image_size[0]}x{self.image_size[1]} (align and resize them first)")
+                            f"images are {self.image_size[0]}x{self.image_size[1]} (from {self.image_size_origin}); "
+                            f"align and resize them first")
         return image
 
     def decode_into(self, indices: np.ndarray, out: np.ndarray) -> None:

@@ -126,7 +126,7 @@ def locate(card: DatasetCard, settings: DataSettings) -> Path:
         location, origin = Path(os.environ[card.env]), f"${card.env}"
     else:
         location, origin = settings.resolved_root() / card.path, "the data root"
-    wanted = " or ".join(_format_files(f) for f in card.formats)
+    wanted = ", or ".join(_format_files(f) for f in card.formats)
     hint = (f"set {card.env}=DIR (or --set data.path=DIR) to the folder holding {wanted}; "
             f"{card.short_obtain} (see {card.card_file})")
     if not location.exists():
@@ -139,7 +139,9 @@ def locate(card: DatasetCard, settings: DataSettings) -> Path:
 
 
 def _format_files(fmt: str) -> str:
-    return "train.rec, train.idx and property" if fmt == "recordio" else "an image folder (<identity>/<image>)"
+    """What a format's files are called in messages (a noun phrase that reads after "no" and "holding")."""
+    return ("train.rec, train.idx and property" if fmt == "recordio"
+            else "identity folders (<identity>/<image> or <shard>/<identity>/<image>)")
 
 
 def open_dataset(card: DatasetCard, location: Path, cache_root: Path | None, progress: bool) -> EncodedDataset:
@@ -223,6 +225,9 @@ def card_trainset(settings: DataSettings, progress: bool = True) -> EncodedTrain
         log.warning("dataset %s at %s: %s is %s, the card says %s (bench data verify %s)", card.name, location,
                     check["check"], check["found"], check["expected"], card.name)
     split = load_or_make_split(source.labels, settings.split, root / "splits" / card.name)
+    # One decode before any training: a pack whose property file declares another size than its images hold
+    # would otherwise fail at the first batch, after the run record was opened (one line either way).
+    source.decode(int(split.indices[0]))
     info = {"dataset": card.name,
             "card": {"file": str(card.card_file), "title": card.title, "identities": card.identities,
                      "images": card.images, "matches": not mismatches},

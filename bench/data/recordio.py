@@ -539,6 +539,7 @@ class RecordDataset(EncodedDataset):
         if self.property is not None:
             self.num_classes = self.property[0]
             self.image_size = (self.property[1], self.property[2])
+            self.image_size_origin = str(prop)
             if present > self.num_classes:
                 raise DataError(f"{prop}: says {self.num_classes} classes but {rec} has label {present - 1}")
         else:

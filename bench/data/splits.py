@@ -9,7 +9,12 @@
   keep many (the head), as in MegaFace2-style long-tailed data. The exponent, bounds and seed are recorded.
 
 Every recipe is deterministic in (labels, settings), vectorised (a 5.8M-image index splits in seconds),
-and cached as an index file keyed by the dataset fingerprint, the recipe and the seed.
+and cached as an index file keyed by the dataset fingerprint, the recipe and the seed. Randomness comes
+from two NumPy streams: ``default_rng([seed, 0])`` picks the ``max_identities`` kept identities
+(``choice`` of the present ids without replacement), ``default_rng([seed, 1])`` serves the recipe. The
+long-tail recipe draws one count per identity id ``0 .. largest kept id`` in id order (``choice`` over the
+support with probabilities ``n^-a / sum``; ids not kept draw too), caps it at the identity's images, then
+keeps that many of its images chosen at random.
 """
 
 from __future__ import annotations

@@ -4,7 +4,12 @@ A protocol is built once per ``bench run`` (it locates, generates or loads its d
 aligns its images once) and then evaluates any encoder, extracting each image's features once for all
 the metrics it reports (IJB: 1:1 and 1:N from one pass):
 
-    PROTOCOLS.get(name)(data_settings, progress, options=eval_settings).evaluate(encoder, device, batch_size)
+    build_protocol(name, data_settings, progress, eval_settings, input_size=S).evaluate(encoder, device, batch_size)
+
+``S`` is the model's input size: every protocol brings its images to ``S x S`` (resizing them with
+antialiasing where they are stored at another size, and saying so in its metrics' ``conventions``). In
+``bench run`` it is the side of the training images, which the backbone is built for
+(:func:`model_input_size`, checked before any work starts); in ``bench eval`` it is ``--input-size``.
 
 ``score_features(features)`` scores features computed elsewhere (``bench eval --features``).
 
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Protocol as _Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol as _Protocol
 
 import numpy as np
 import torch
@@ -40,18 +45,18 @@ from torch import nn
 
 from bench.config import DataSettings, EvalSettings
 from bench.errors import DataError
-from methods.registry import Registry
+from methods.registry import ConfigError, Registry
 
-#: Input size of models trained on real face datasets (insightface's aligned 112 x 112 crops).
-REAL_DATA_INPUT_SIZE = 112
-
+if TYPE_CHECKING:
+    from bench.data.datasets import TrainData
 
 class EvalProtocol(_Protocol):
     name: ClassVar[str]
     #: The metric shown in summary tables, and whether higher is better.
     headline: ClassVar[str]
 
-    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None) -> None: ...
+    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
+                 input_size: int | None = None) -> None: ...
 
     def evaluate(self, encoder: nn.Module, device: torch.device, batch_size: int) -> dict[str, Any]: ...
 
@@ -62,17 +67,53 @@ PROTOCOLS: Registry[type[EvalProtocol]] = Registry("protocol")
 
 
 def build_protocol(name: str, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
-                   trainset: Any = None) -> EvalProtocol:
-    """Protocol ``name``, given the training set when its class declares ``needs_trainset = True``."""
+                   trainset: Any = None, input_size: int | None = None) -> EvalProtocol:
+    """Protocol ``name`` for a model of ``input_size`` (see :func:`eval_input_size`), given the training set
+    when its class declares ``needs_trainset = True``."""
     cls = PROTOCOLS.get(name)
     if getattr(cls, "needs_trainset", False):
-        return cls(data, progress, options=options, trainset=trainset)
-    return cls(data, progress, options=options)
+        return cls(data, progress, options=options, trainset=trainset, input_size=input_size)
+    return cls(data, progress, options=options, input_size=input_size)
 
 
-def eval_input_size(data: DataSettings) -> int:
-    """The model's input size: SynthFace's image size, or 112 for real training data."""
-    return data.synthface.image_size if data.dataset == "synthface" else REAL_DATA_INPUT_SIZE
+def eval_input_size(data: DataSettings, input_size: int | None = None) -> int:
+    """The model's input size, which a protocol brings its images to: ``input_size`` when the caller knows it
+    (``bench run``: the training images' side, the size the backbone was built for; ``bench eval``:
+    ``--input-size``), else SynthFace's image size for SynthFace, else the side the dataset card declares."""
+    if input_size is not None:
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+            raise ConfigError(f"the model's input size must be a positive integer, got {input_size!r}")
+        return input_size
+    if data.dataset == "synthface":
+        return data.synthface.image_size
+    from bench.data.real import card_for
+
+    height, width = card_for(data).image_size
+    if height != width:
+        raise DataError(f"dataset {data.dataset}: the card declares {height}x{width} images; models take square "
+                        f"inputs, so give the input size explicitly")
+    return height
+
+
+def model_input_size(backbone: str, embedding_size: int, trainset: TrainData, dataset: str) -> int:
+    """The input size of a run's model: the side of its training images, which the backbone is built for
+    and every protocol resizes its images to (ours: a fixed 112 px for real data broke evaluation of packs
+    at other sizes after the whole training budget).
+
+    Refuses, before any protocol is prepared or any step trained, a size the backbone cannot take: the
+    backbone is built once on torch's ``meta`` device (shapes only, no memory, no initialisation cost), so
+    its own checks (e.g. ``r50``: a multiple of 16) answer, with the origin of the size added.
+    """
+    size = int(trainset.image_size)
+    from bench.backbones import build_backbone
+
+    try:
+        with torch.device("meta"):
+            build_backbone(backbone, embedding_size=embedding_size, input_size=size)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}: the input size is the side of the training images of dataset '{dataset}' "
+                          f"({size}x{size}); use a backbone that takes it, or images of a size it takes") from None
+    return size
 
 
 #: Where a real benchmark is looked for when no card says otherwise: ``$FACEBENCH_<NAME>``, else
@@ -127,6 +168,21 @@ def locate_benchmark(name: str, data: DataSettings, default: str, kind: str = "f
     raise DataError(f"{name}: {location} (from {origin}) is not a {'file' if kind == 'file' else 'folder'}; "
                     f"set {env}={'FILE' if kind == 'file' else 'DIR'} or put {default} under <data root>/eval/; "
                     f"obtain it yourself: {OBTAIN[kind_key]}")
+
+
+def check_available(name: str, data: DataSettings) -> None:
+    """Raise now the one-line DataError that building protocol ``name`` would raise for a missing real
+    benchmark (:func:`locate_benchmark`: a ``.bin`` pack is a file, IJB and MegaFace are folders).
+
+    Reads nothing but directory entries and writes nothing, so ``bench run`` calls it for every protocol
+    before the training set is built (ours: a missing benchmark used to be found after it). Synthetic
+    protocols generate their data and always pass; a file that exists but is corrupt is found when the
+    protocol is built.
+    """
+    canonical = PROTOCOLS.canonical(name)
+    default = BENCHMARK_DEFAULTS.get(canonical)
+    if default is not None:
+        locate_benchmark(canonical, data, default, kind="file" if default.endswith(".bin") else "dir")
 
 
 def features_file(path: Path, rows: int, what: str) -> np.ndarray:

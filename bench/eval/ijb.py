@@ -27,11 +27,14 @@ Default mode, as insightface's recognition/arcface_torch/eval_ijbc.py (its repor
    rule), then the mean of the two galleries. This is **not** the figure of insightface's old
    ``ijb_1n.py``, which merges G1 and G2 into one closed-set gallery and thresholds on all impostor
    similarities (a "TPIR@FAR" that is neither FPIR nor rank-aware; see insightface PRs #1386, #1739).
+   Without any of the 1:N CSVs (the original IJB meta lacks them) 1:N is skipped with a warning on stderr
+   naming the paths looked for; with only some of them it is an error naming the first missing one.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -320,6 +323,8 @@ class IJBMeta:
     #: gallery name -> (template ids, subjects); and the probe_mixed (template ids, subjects); None if absent.
     galleries: dict[str, tuple[np.ndarray, np.ndarray]] | None
     probes: tuple[np.ndarray, np.ndarray] | None
+    #: The 1:N files looked for (galleries, then probe_mixed).
+    one_n_files: list[str]
 
     @property
     def num_images(self) -> int:
@@ -346,14 +351,33 @@ def read_ijb(root: Path, target: str) -> IJBMeta:
     galleries, probes = None, None
     csvs = {g: meta / f"{target}_1N_gallery_{g}.csv" for g in GALLERIES[target]}
     probe_csv = meta / f"{target}_1N_probe_mixed.csv"
-    if all(p.is_file() for p in csvs.values()) and probe_csv.is_file():
+    if _one_n_files_present(target, [*csvs.values(), probe_csv]):
         galleries = {g: read_1n_csv(p) for g, p in csvs.items()}
         probes = read_1n_csv(probe_csv)
         for path, (ids, _) in [*((csvs[g], galleries[g]) for g in galleries), (probe_csv, probes)]:
             missing = ~np.isin(ids, known)
             if missing.any():
                 raise DataError(f"{path}: template {ids[missing][0]} has no image in {target}_face_tid_mid.txt")
-    return IJBMeta(root, target, names, templates, medias, landmarks, scores, t1, t2, labels, galleries, probes)
+    return IJBMeta(root, target, names, templates, medias, landmarks, scores, t1, t2, labels, galleries, probes,
+                   [str(p) for p in (*csvs.values(), probe_csv)])
+
+
+def _one_n_files_present(target: str, paths: list[Path]) -> bool:
+    """Whether 1:N is evaluated: all of its files are there (True) or none is (False, with a warning on
+    stderr naming every path looked for). Some but not all is an error naming the first missing file (ours:
+    a half-copied meta folder once dropped 1:N silently, the result saying only that it was skipped)."""
+    missing = [p for p in paths if not p.is_file()]
+    if not missing:
+        return True
+    if len(missing) < len(paths):
+        present = [p.name for p in paths if p not in missing]
+        raise DataError(f"{missing[0]}: 1:N file not found, but {', '.join(present)} "
+                        f"{'is' if len(present) == 1 else 'are'} there; {target} 1:N needs "
+                        f"{', '.join(p.name for p in paths)} (add the missing one, or remove them all to evaluate "
+                        f"1:1 only)")
+    print(f"warning: {target}: 1:N skipped (1:1 only): none of its files exists; looked for "
+          f"{', '.join(str(p) for p in paths)}", file=sys.stderr)  # stderr, as records.py's warnings
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,9 +440,10 @@ class IJBProtocol:
     #: File prefix and folder name: ``ijbc`` -> ``IJBC/meta/ijbc_*``.
     target: ClassVar[str] = "ijbc"
 
-    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None) -> None:
+    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
+                 input_size: int | None = None) -> None:
         self.options = options or EvalSettings()
-        self.input_size = eval_input_size(data)
+        self.input_size = eval_input_size(data, input_size)
         self.progress = progress
         self.meta = read_ijb(self.locate(data, progress), self.target)
         per_image = 3 * self.input_size * self.input_size
@@ -470,7 +495,7 @@ class IJBProtocol:
         if self.meta.galleries is not None:
             result["1:N"] = identification_1n(self.meta, template_ids, pooled)
         else:
-            result["1:N"] = f"skipped: meta/{self.target}_1N_*.csv not found in {self.meta.root}"
+            result["1:N"] = f"skipped: none of {', '.join(self.meta.one_n_files)} exists"
         result["summary"] = self.summary(result)
         result["num_images"], result["num_templates"] = self.meta.num_images, int(template_ids.shape[0])
         result["folder"] = str(self.meta.root)

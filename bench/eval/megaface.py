@@ -367,9 +367,11 @@ class MegaFaceProtocol:
     name: ClassVar[str] = "megaface"
     headline: ClassVar[str] = "rank"
 
-    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None) -> None:
+    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
+                 input_size: int | None = None) -> None:
         self.options = options or EvalSettings()
-        self.input_size = eval_input_size(data)
+        self.input_size = eval_input_size(data, input_size)
+        self.stored_sizes: set[str] = set()
         self.set = read_megaface(self.locate(data, progress))
         self.variants = list(self.options.megaface_variants)
         if "refined" in self.variants and self.set.probe_noise is None:
@@ -385,6 +387,7 @@ class MegaFaceProtocol:
 
     def _load(self, folder: Path, paths: Sequence[str]) -> torch.Tensor:
         images = [read_array(folder / p) for p in paths]
+        self.stored_sizes.update(f"{im.shape[0]}x{im.shape[1]}" for im in images)  # for the conventions
         if len({im.shape for im in images}) > 1:  # mixed sizes: bring each to the input size first
             return torch.cat([resize_images(stack_arrays([im]), self.input_size) for im in images])
         return resize_images(stack_arrays(images), self.input_size)
@@ -484,8 +487,7 @@ class MegaFaceProtocol:
         feature = ("normalise(f(x) + f(flip(x)))" if flip is True else "normalise(f(x)) (no flip test)"
                    if flip is False else f"normalise(features supplied by the user: {flip})")
         return {
-            "feature": feature + (f"; images resized to {self.input_size}x{self.input_size} with antialiasing "
-                                  f"when stored at another size" if self.input_size != 112 else ""),
+            "feature": feature + (self._resize_text() if isinstance(flip, bool) else ""),  # images embedded here
             "score": "cosine (ranks as the devkit's Euclidean distance of unit vectors)",
             "identification": "each probe image in turn is the gallery among the distractors for every other image "
                               "of its identity; found at rank N if s(probe, gallery) >= the N-th largest "
@@ -497,6 +499,16 @@ class MegaFaceProtocol:
                         "U(+-0.001), distractor noise removed, i.e. remove_noises.py under L2)",
             "source": "MegaFace devkit run_experiment.py, insightface recognition/_evaluation_/megaface",
         }
+
+
+    def _resize_text(self) -> str:
+        """What the conventions say about image sizes: the images stored at another size than the model's
+        input were resized (each size found is listed)."""
+        target = f"{self.input_size}x{self.input_size}"
+        other = sorted(self.stored_sizes - {target})
+        if not other:
+            return ""
+        return f"; images stored at {', '.join(other)} resized to {target} with antialiasing"
 
 
 def glob_escape(text: str) -> str:

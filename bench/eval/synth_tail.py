@@ -38,8 +38,9 @@ from torch import nn
 
 from bench.config import DataSettings, EvalSettings
 from bench.errors import DataError
-from bench.eval import PROTOCOLS, features_file
+from bench.eval import PROTOCOLS, eval_input_size, features_file
 from bench.eval.features import extract_features, l2_normalise
+from bench.eval.images import resize_images
 
 #: Sample ids of held-out probe images (the training pool uses 0 .. images_per_identity - 1).
 HELD_OUT_SAMPLE_OFFSET = 1_000_000
@@ -114,7 +115,7 @@ class SynthTail:
     seed: ClassVar[int] = 0
 
     def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
-                 trainset: Any = None) -> None:
+                 trainset: Any = None, input_size: int | None = None) -> None:
         from bench.data.datasets import TRAIN_NAMESPACE, TrainSet, build_trainset, synthface_config
         from bench.data.synthface import SynthFace
 
@@ -147,6 +148,12 @@ class SynthTail:
         synth = SynthFace(synthface_config(data.synthface))
         self.probe_images = synth.render(torch.from_numpy(self.probe_identities),
                                          torch.from_numpy(probe_samples), TRAIN_NAMESPACE).images
+        # Training images and probes are rendered at SynthFace's size; a model of another input size
+        # (bench eval --input-size) gets them resized, as every protocol does, and the conventions say so.
+        self.source_size = int(self.probe_images.shape[-1])
+        self.input_size = eval_input_size(data, input_size)
+        self.gallery_images = resize_images(self.gallery_images, self.input_size)
+        self.probe_images = resize_images(self.probe_images, self.input_size)
 
     def evaluate(self, encoder: nn.Module, device: torch.device, batch_size: int) -> dict[str, Any]:
         flip = self.options.flip
@@ -175,5 +182,8 @@ class SynthTail:
                       f">= {HELD_OUT_SAMPLE_OFFSET} (never in a training split)",
             "rank1": "own identity's mean strictly above every other gallery mean (ties count against)",
             "identities": f"at most {self.identities_per_bucket} per bucket, fixed seed {self.seed}",
+            "images": f"{self.source_size}x{self.source_size} rendered" + (
+                f", resized to {self.input_size}x{self.input_size} with antialiasing"
+                if self.source_size != self.input_size else ""),
         }
         return out

@@ -376,9 +376,10 @@ class BinVerification:
     #: File name of the pack in insightface's training-set zips (``faces_emore/lfw.bin``).
     filename: ClassVar[str] = ""
 
-    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None) -> None:
+    def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
+                 input_size: int | None = None) -> None:
         self.options = options or EvalSettings()
-        self.input_size = eval_input_size(data)
+        self.input_size = eval_input_size(data, input_size)
         self.path = self.locate(data, progress)
         images, self.issame = load_bin(self.path)
         self.source_size = int(images.shape[1])

@@ -1,1 +1,2 @@
-"""Reports from run records: tables (Markdown, LaTeX)."""
+"""Reports from run records: tables (Markdown, LaTeX), figures, the profile table; written all or none
+(:mod:`bench.report.staging`)."""

@@ -15,12 +15,16 @@ Per group of comparable runs (dataset, split, backbone, budget), ``<slug>`` = ``
 - ``long-tail-<slug>``: ``synth-tail`` rank-1 per bucket of training images per identity;
 
 and ``profile-<device>``: images/s and peak memory against the number of classes (``bench profile``).
+
+:func:`draw_figures` draws them one at a time from records already read (``bench report`` reads each
+record once); :func:`write_figures` stages each as PNG and PDF
+(:class:`bench.report.staging.StagedFiles`: the report's files are replaced all or none) and closes it.
 """
 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench.records import iter_records  # noqa: E402
+from bench.report.staging import StagedFiles  # noqa: E402
 from bench.report.tables import (  # noqa: E402
     GROUP_COLUMNS,
     is_run_record,
@@ -50,7 +54,16 @@ FIGURE_WIDTH = 7.0  # inches: a two-column paper's text width
 
 
 @dataclass
+class Drawing:
+    """A drawn figure, not yet saved: what the tests inspect (its axes' lines, markers and legend)."""
+    figure: plt.Figure
+    name: str  # file stem
+    caption: str
+
+
+@dataclass
 class Figure:
+    """A saved figure: its PNG and PDF files."""
     name: str
     caption: str
     png: Path
@@ -101,13 +114,15 @@ def _plain_log_ticks(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig: plt.Figure, out_dir: Path, name: str, caption: str) -> Figure:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png, pdf = out_dir / f"{name}.png", out_dir / f"{name}.pdf"
-    fig.savefig(png)
-    fig.savefig(pdf)
-    plt.close(fig)
-    return Figure(name, caption, png, pdf)
+def save_figure(drawing: Drawing, out_dir: Path, files: StagedFiles) -> Figure:
+    """Stage ``drawing`` as ``<name>.png`` and ``<name>.pdf`` under ``out_dir`` and close it."""
+    png, pdf = out_dir / f"{drawing.name}.png", out_dir / f"{drawing.name}.pdf"
+    try:
+        for path, kind in ((png, "png"), (pdf, "pdf")):
+            files.write(path, lambda handle, kind=kind: drawing.figure.savefig(handle, format=kind))
+    finally:
+        plt.close(drawing.figure)
+    return Figure(drawing.name, drawing.caption, png, pdf)
 
 
 def _slug(group: tuple) -> str:
@@ -149,7 +164,7 @@ def _tars_of(values: Any) -> dict[str, float] | None:
     return tars if isinstance(tars, dict) and tars else None
 
 
-def roc_figures(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str, out_dir: Path) -> list[Figure]:
+def roc_figures(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str) -> list[Drawing]:
     protocols = sorted({p for records in runs.values() for r in records for p, v in (r["metrics"] or {}).items()
                         if _roc_of(v) is not None})
     figures = []
@@ -183,12 +198,12 @@ def roc_figures(runs: dict[str, list[dict]], group: tuple, styles: Styles, foote
         _legend_right(fig, ax)
         _footer(fig, f"{_group_title(group)}. {footer}")
         name = f"roc-{protocol}-{_slug(group)}"
-        figures.append(_save(fig, out_dir, name, f"ROC of {protocol}, {_group_title(group)}; all methods, "
-                                                  f"log-FAR axis (band: ± 1 std over seeds)."))
+        figures.append(Drawing(fig, name, f"ROC of {protocol}, {_group_title(group)}; all methods, "
+                                          f"log-FAR axis (band: ± 1 std over seeds)."))
     return figures
 
 
-def tar_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str, out_dir: Path) -> list[Figure]:
+def tar_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str) -> list[Drawing]:
     protocols = sorted({p for records in runs.values() for r in records for p, v in (r["metrics"] or {}).items()
                         if _tars_of(v) is not None})
     if not protocols:
@@ -219,8 +234,8 @@ def tar_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer
         ax.margins(x=0.15)
     _legend_right(fig, axes[0][0])
     _footer(fig, f"TAR at each protocol's target FARs; {_group_title(group)}. {footer}")
-    return [_save(fig, out_dir, f"tar-at-far-{_slug(group)}",
-                  f"TAR at each protocol's target FARs, {_group_title(group)} (error bars: ± 1 std over seeds).")]
+    return [Drawing(fig, f"tar-at-far-{_slug(group)}",
+                    f"TAR at each protocol's target FARs, {_group_title(group)} (error bars: ± 1 std over seeds).")]
 
 
 def _curve(records: list[dict], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
@@ -237,8 +252,7 @@ def _curve(records: list[dict], field: str) -> tuple[np.ndarray, np.ndarray, np.
     return x, mean, band
 
 
-def training_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str,
-                    out_dir: Path) -> list[Figure]:
+def training_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str) -> list[Drawing]:
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(FIGURE_WIDTH, 3.2), layout="constrained")
     drawn = False
     for method, records in sorted(runs.items()):
@@ -262,12 +276,12 @@ def training_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, f
         ax.set_title(title)
     _legend_right(fig, loss_ax)
     _footer(fig, f"{_group_title(group)}. Losses of different methods are on different scales. {footer}")
-    return [_save(fig, out_dir, f"training-{_slug(group)}",
-                  f"Training curves (train.jsonl), {_group_title(group)}: loss and learning rate against samples "
-                  f"seen (band: ± 1 std over seeds).")]
+    return [Drawing(fig, f"training-{_slug(group)}",
+                    f"Training curves (train.jsonl), {_group_title(group)}: loss and learning rate against samples "
+                    f"seen (band: ± 1 std over seeds).")]
 
 
-def cost_figure(rows: pd.DataFrame, group: tuple, styles: Styles, footer: str, out_dir: Path) -> list[Figure]:
+def cost_figure(rows: pd.DataFrame, group: tuple, styles: Styles, footer: str) -> list[Drawing]:
     quality = [c for c in metric_columns(rows) if c.endswith(" acc")] or metric_columns(rows)
     headline = next((c for c in quality if rows[c].notna().any()), None)
     panels = 2 if headline else 1
@@ -300,13 +314,12 @@ def cost_figure(rows: pd.DataFrame, group: tuple, styles: Styles, footer: str, o
         ax.margins(0.2)
     _legend_right(fig, axes[0][0])
     _footer(fig, f"{_group_title(group)}. Peak memory: CUDA max allocated, or process peak RSS on CPU. {footer}")
-    return [_save(fig, out_dir, f"cost-{_slug(group)}",
-                  f"Cost per method, {_group_title(group)}: throughput against peak memory, and accuracy against "
-                  f"throughput (error bars: ± 1 std over seeds).")]
+    return [Drawing(fig, f"cost-{_slug(group)}",
+                    f"Cost per method, {_group_title(group)}: throughput against peak memory, and accuracy against "
+                    f"throughput (error bars: ± 1 std over seeds).")]
 
 
-def long_tail_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str,
-                     out_dir: Path) -> list[Figure]:
+def long_tail_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str) -> list[Drawing]:
     per_method: dict[str, dict[str, list[float]]] = {}
     bucket_info: dict[str, dict[str, Any]] = {}
     for method, records in runs.items():
@@ -346,9 +359,9 @@ def long_tail_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, 
     _legend_right(fig, ax)
     _footer(fig, f"{_group_title(group)}. Closed-set rank-1 of unseen images of training identities against the "
                  f"identities' mean embeddings, by training images per identity. {footer}")
-    return [_save(fig, out_dir, f"long-tail-{_slug(group)}",
-                  f"Long-tail diagnostic, {_group_title(group)}: rank-1 of held-out images of training identities "
-                  f"per bucket of training images per identity (error bars: ± 1 std over seeds).")]
+    return [Drawing(fig, f"long-tail-{_slug(group)}",
+                    f"Long-tail diagnostic, {_group_title(group)}: rank-1 of held-out images of training identities "
+                    f"per bucket of training images per identity (error bars: ± 1 std over seeds).")]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,7 +369,7 @@ def long_tail_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, 
 # ----------------------------------------------------------------------------------------------------
 
 
-def profile_figure(record: dict[str, Any], styles: Styles, out_dir: Path) -> Figure:
+def profile_figure(record: dict[str, Any], styles: Styles) -> Drawing:
     from bench.report.profile_table import provenance_line
 
     config = record["config"]
@@ -403,36 +416,40 @@ def profile_figure(record: dict[str, Any], styles: Styles, out_dir: Path) -> Fig
                  f"{config.get('embedding_size')}, float32. One step = logits, loss, backward and state update of "
                  f"the head on fixed random embeddings; memory: {peak}. {provenance_line(record)}")
     name = f"profile-{device.replace(':', '')}"
-    return _save(fig, out_dir, name, f"Head cost against the number of classes on {device} (`bench profile`): "
-                                     f"images/s and peak memory; hollow markers: estimated need of cases over the "
-                                     f"memory budget (not run).")
+    return Drawing(fig, name, f"Head cost against the number of classes on {device} (`bench profile`): "
+                              f"images/s and peak memory; hollow markers: estimated need of cases over the "
+                              f"memory budget (not run).")
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
-def write_figures(results_dir: Path, out_dir: Path) -> list[Figure]:
-    """Draw every figure the records under ``results_dir`` support into ``out_dir``; returns them."""
+def draw_figures(records: list[dict[str, Any]]) -> Iterator[Drawing]:
+    """Every figure ``records`` support, drawn one after another (a generator: the caller saves and
+    closes each before the next is drawn)."""
     from bench.report.profile_table import profile_records
 
     apply_style()
-    records = {r["run_id"]: r for r in iter_records(results_dir) if is_run_record(r)}
-    rows = pd.DataFrame([record_row(r) for r in records.values()])
-    profiles = profile_records(results_dir)
+    runs_by_id = {r["run_id"]: r for r in records if is_run_record(r)}
+    rows = pd.DataFrame([record_row(r) for r in runs_by_id.values()])
+    profiles = profile_records(records)
     methods = list(rows["method"].dropna()) if not rows.empty else []
     methods += [row["method"] for p in profiles for row in p["metrics"]["head-profile"]["rows"]]
     styles = Styles(methods)
-    figures: list[Figure] = []
     if not rows.empty:
         selected = select_runs(rows)
         for group, group_rows in selected.groupby(GROUP_COLUMNS, sort=True, dropna=False):
-            runs = {str(m): [records[i] for i in g["run_id"]] for m, g in group_rows.groupby("method", sort=True)}
+            runs = {str(m): [runs_by_id[i] for i in g["run_id"]] for m, g in group_rows.groupby("method", sort=True)}
             footer = provenance(group_rows)
-            figures += roc_figures(runs, group, styles, footer, out_dir)
-            figures += tar_figure(runs, group, styles, footer, out_dir)
-            figures += training_figure(runs, group, styles, footer, out_dir)
-            figures += cost_figure(group_rows, group, styles, footer, out_dir)
-            figures += long_tail_figure(runs, group, styles, footer, out_dir)
+            yield from roc_figures(runs, group, styles, footer)
+            yield from tar_figure(runs, group, styles, footer)
+            yield from training_figure(runs, group, styles, footer)
+            yield from cost_figure(group_rows, group, styles, footer)
+            yield from long_tail_figure(runs, group, styles, footer)
     for record in profiles:
-        figures.append(profile_figure(record, styles, out_dir))
-    return figures
+        yield profile_figure(record, styles)
+
+
+def write_figures(records: list[dict[str, Any]], out_dir: Path, files: StagedFiles) -> list[Figure]:
+    """Draw every figure ``records`` support and stage its PNG and PDF under ``out_dir``; returns them."""
+    return [save_figure(drawing, out_dir, files) for drawing in draw_figures(records)]

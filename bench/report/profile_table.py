@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from bench.profile import TABLE_HEADERS, table_cells
-from bench.records import iter_records
 
 
-def profile_records(results_dir: Path) -> list[dict[str, Any]]:
-    """The newest complete ``bench profile`` record per device (oldest device first)."""
+def profile_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest complete ``bench profile`` record per device among ``records`` (sorted by run id, as
+    :func:`bench.records.iter_records` returns them; oldest device first)."""
     newest: dict[str, dict[str, Any]] = {}
-    for record in iter_records(results_dir):
+    for record in records:
         config = record.get("config") or {}
-        if config.get("kind") == "profile" and "head-profile" in (record.get("metrics") or {}):
+        profile = (record.get("metrics") or {}).get("head-profile")
+        if config.get("kind") == "profile" and isinstance(profile, dict) and isinstance(profile.get("rows"), list):
             newest[str(config.get("device"))] = record  # iter_records is sorted by run id: the last wins
     return list(newest.values())
 
@@ -29,14 +29,14 @@ def provenance_line(record: dict[str, Any]) -> str:
             f"date {str(env.get('date', 'unknown'))[:16].replace('T', ' ')}.")
 
 
-def profile_section(results_dir: Path) -> tuple[str, str]:
+def profile_section(records: list[dict[str, Any]]) -> tuple[str, str]:
     """Markdown and LaTeX of the newest profile record per device ("" when there is none)."""
     from tabulate import tabulate
 
     from bench.report.tables import latex_escape
 
     md, tex = [], []
-    for record in profile_records(results_dir):
+    for record in profile_records(records):
         config = record["config"]
         title = (f"Head cost vs classes ({config.get('device')}, batch {config.get('batch_size')}, embedding "
                  f"{config.get('embedding_size')}, memory budget {config.get('memory_budget_gib')} GiB)")

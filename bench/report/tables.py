@@ -27,7 +27,9 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from bench.records import atomic_write_text, iter_records
+from bench.errors import DataError
+from bench.records import iter_records, warn_broken_record
+from bench.report.staging import StagedFiles
 
 #: Columns identifying a comparable configuration; rows differing only in ``method`` compare methods.
 KEY_COLUMNS = ["dataset", "split", "backbone", "budget", "method"]
@@ -61,26 +63,43 @@ def _device_text(env: dict[str, Any]) -> str | None:
     return f"{device} ({detail})" if detail else str(device)
 
 
+def _field(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or None where a level is missing or not a mapping (a hand-edited record)."""
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _float(value: Any) -> float | None:
+    """A number of a record as float, None when it is missing or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     """Flatten one run record into a table row."""
     config, perf, metrics = record["config"] or {}, record["perf"] or {}, record["metrics"] or {}
     env = record.get("env") or {}
     row: dict[str, Any] = {
         "run_id": record["run_id"],
-        "dataset": config.get("data", {}).get("dataset"),
-        "split": config.get("data", {}).get("split", {}).get("name"),
-        "backbone": config.get("train", {}).get("backbone"),
-        "budget": config.get("train", {}).get("budget"),
+        "dataset": _field(config, "data", "dataset"),
+        "split": _field(config, "data", "split", "name"),
+        "backbone": _field(config, "train", "backbone"),
+        "budget": _field(config, "train", "budget"),
         "method": config.get("method"),
-        "seed": config.get("train", {}).get("seed"),
+        "seed": _field(config, "train", "seed"),
         "config": config_hash(config),
         "group": config.get("group"),
         "commit": env.get("git_commit"),
         "device": _device_text(env),
         "date": env.get("date"),
-        "img/s": perf.get("throughput_img_s"),
-        "peak MiB": (perf.get("peak_memory_bytes") or 0) / 2**20,
-        "train s": perf.get("train_wall_time_s"),
+        "img/s": _float(perf.get("throughput_img_s")),
+        "peak MiB": (_float(perf.get("peak_memory_bytes")) or 0) / 2**20,
+        "train s": _float(perf.get("train_wall_time_s")),
     }
     for protocol, values in metrics.items():
         if not isinstance(values, dict):
@@ -103,10 +122,32 @@ def is_run_record(record: dict[str, Any]) -> bool:
     return (record.get("config") or {}).get("kind", "run") == "run"
 
 
+def load_records(results_dir: Path) -> list[dict[str, Any]]:
+    """The readable records under ``results_dir``; each broken one is skipped with one warning line.
+
+    When there are records and every one is broken, a :class:`DataError` instead (one line: how many,
+    and the first file and why): a check must not pass or fail on records it cannot read, and a report
+    must not replace the previous one by an empty one (ours: issue 13).
+    """
+    broken: list[DataError] = []
+    records = iter_records(results_dir, on_broken=broken.append)
+    if broken and not records:
+        raise DataError(f"no readable run record under {results_dir}: all {len(broken)} are broken "
+                        f"(first: {broken[0]})")
+    for error in broken:
+        warn_broken_record(error)
+    return records
+
+
+def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The training runs (not profile records) among ``records``, one row each, in the records' order."""
+    return pd.DataFrame([record_row(r) for r in records if is_run_record(r)])
+
+
 def results_frame(results_dir: Path) -> pd.DataFrame:
-    """Every complete training run under ``results_dir``, one row each, oldest first."""
-    rows = [record_row(r) for r in iter_records(results_dir) if is_run_record(r)]
-    return pd.DataFrame(rows)
+    """Every complete training run under ``results_dir``, one row each, oldest first (see
+    :func:`load_records` for broken records)."""
+    return runs_frame(load_records(results_dir))
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -297,23 +338,32 @@ TABLE_NOTE = ("Newest configuration per (dataset, split, backbone, budget, metho
 
 
 def write_report(results_dir: Path, out_dir: Path, figures: bool = True) -> list[Path]:
-    """Write ``results.md`` and ``results.tex`` (and the figures under ``figures/``); returns their paths."""
+    """Write ``results.md`` and ``results.tex`` (and the figures under ``figures/``); returns their paths.
+
+    All files or none replace the previous report (:class:`bench.report.staging.StagedFiles`).
+    """
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    records = load_records(results_dir)
+    with StagedFiles(out_dir) as files:
+        return _write_report_files(records, results_dir, out_dir, figures, files)
+
+
+def _write_report_files(records: list[dict[str, Any]], results_dir: Path, out_dir: Path, figures: bool,
+                        files: StagedFiles) -> list[Path]:
     from bench.report.profile_table import profile_section
 
-    results_dir, out_dir = Path(results_dir), Path(out_dir)
-    summary = summary_frame(results_frame(results_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summary_frame(runs_frame(records))
     md, tex = out_dir / "results.md", out_dir / "results.tex"
     drawn = []
     if figures:
         from bench.report.figures import write_figures
 
-        drawn = write_figures(results_dir, out_dir / "figures")
-    profile_md, profile_tex = profile_section(results_dir)
+        drawn = write_figures(records, out_dir / "figures", files)
+    profile_md, profile_tex = profile_section(records)
     if summary.empty and not profile_md:
         body = f"No complete runs under `{results_dir}` yet: run `bench run` first.\n"
-        atomic_write_text(md, "# FaceBench results\n\n" + body)
-        atomic_write_text(tex, "% " + body)
+        files.write_text(md, "# FaceBench results\n\n" + body)
+        files.write_text(tex, "% " + body)
         return [md, tex]
     parts = ["# FaceBench results\n", f"Generated by `bench report` from `{results_dir}`.\n"]
     tex_parts = ["% FaceBench results, generated by `bench report`; needs \\usepackage{booktabs}\n"]
@@ -328,6 +378,6 @@ def write_report(results_dir: Path, out_dir: Path, figures: bool = True) -> list
         for figure in drawn:
             parts.append(f"![{figure.name}](figures/{figure.png.name})\n\n*{figure.caption}* "
                          f"([PDF](figures/{figure.pdf.name}))\n")
-    atomic_write_text(md, "\n".join(parts))
-    atomic_write_text(tex, "".join(tex_parts))
+    files.write_text(md, "\n".join(parts))
+    files.write_text(tex, "".join(tex_parts))
     return [md, tex, *(path for figure in drawn for path in (figure.png, figure.pdf))]

@@ -9,12 +9,13 @@
   distractors generated chunk by chunk so memory is bounded by the chunk (probes x 8,192 floats), never
   probes x 1M. Target: under 2 minutes (the matrix products alone are 3.6 TFLOP).
 
-By default (CI) both run at reduced sizes. Set ``FACEBENCH_FULL_EVAL_BENCH=1`` for the full sizes and their
-time limits:
+By default (CI) both run at reduced sizes. Set ``FACEBENCH_FULL_EVAL_BENCH=1`` for the full sizes:
 
     FACEBENCH_FULL_EVAL_BENCH=1 python -m pytest tests/benchmarks/test_bench_eval.py -s
 
-Timings are written to the benchmark's ``extra_info`` and printed with ``-s``.
+Timings are written to the benchmark's ``extra_info`` (with the targets above, at full size) and printed
+with ``-s``; they are never asserted, since they depend on the machine. Asserted: the scores against a
+per-pair reference, rank-1 never rising as distractors are added, and MegaFace's memory bound.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ DIM = 512
 IJBC_TEMPLATES, IJBC_PAIRS = (23_124, 15_658_489) if FULL else (2_000, 400_000)
 MEGAFACE_PROBES, MEGAFACE_PEOPLE = (3_530, 80) if FULL else (353, 8)
 MEGAFACE_SIZES = (10, 100, 1_000, 10_000, 100_000, 1_000_000) if FULL else (10, 100, 1_000, 10_000)
-PAIR_SECONDS_LIMIT = 5.0
-MEGAFACE_SECONDS_LIMIT = 120.0
+#: The targets above, reported beside the full-size timings (not asserted).
+PAIR_SECONDS_TARGET = 5.0
+MEGAFACE_SECONDS_TARGET = 120.0
 
 
 class _RssSampler:
@@ -82,10 +84,10 @@ def test_ijbc_sized_pair_scoring(benchmark):
     lookup = {t: k for k, t in enumerate(template_ids)}
     expected = [features[lookup[a]] @ features[lookup[b]] for a, b in zip(t1[sample], t2[sample])]
     assert np.allclose(scores[sample], expected, atol=1e-5)
-    benchmark.extra_info.update(templates=IJBC_TEMPLATES, pairs=IJBC_PAIRS, seconds=round(seconds, 2))
-    print(f"\nscore_pairs: {IJBC_PAIRS:,} pairs over {IJBC_TEMPLATES:,} templates in {seconds:.2f} s")
-    if FULL:
-        assert seconds < PAIR_SECONDS_LIMIT
+    benchmark.extra_info.update(templates=IJBC_TEMPLATES, pairs=IJBC_PAIRS, seconds=round(seconds, 2),
+                                **({"target_s": PAIR_SECONDS_TARGET} if FULL else {}))
+    print(f"\nscore_pairs: {IJBC_PAIRS:,} pairs over {IJBC_TEMPLATES:,} templates in {seconds:.2f} s"
+          + (f" (target {PAIR_SECONDS_TARGET:.0f} s)" if FULL else ""))
 
 
 def _megaface_pass(probes: np.ndarray, labels: np.ndarray, chunk: int) -> dict[int, float]:
@@ -120,16 +122,19 @@ def test_megaface_sized_streaming_identification(benchmark):
     chunk_mib = (MEGAFACE_PROBES + DIM) * DISTRACTOR_CHUNK * 4 / 2**20
     assert growth < 8 * chunk_mib + 256, f"peak RSS grew by {growth:.0f} MiB"
     benchmark.extra_info.update(probes=MEGAFACE_PROBES, distractors=MEGAFACE_SIZES[-1], seconds=round(seconds, 1),
-                                peak_rss_growth_mib=round(growth), rank1={str(k): v for k, v in rank1.items()})
-    print(f"\nMegaFace streaming: {MEGAFACE_PROBES:,} probes x {MEGAFACE_SIZES[-1]:,} distractors in {seconds:.1f} s, "
-          f"peak RSS +{growth:.0f} MiB (chunk {chunk_mib:.0f} MiB), rank-1 {rank1}")
-    if FULL:
-        assert seconds < MEGAFACE_SECONDS_LIMIT
+                                peak_rss_growth_mib=round(growth), rank1={str(k): v for k, v in rank1.items()},
+                                **({"target_s": MEGAFACE_SECONDS_TARGET} if FULL else {}))
+    print(f"\nMegaFace streaming: {MEGAFACE_PROBES:,} probes x {MEGAFACE_SIZES[-1]:,} distractors in {seconds:.1f} s"
+          + (f" (target {MEGAFACE_SECONDS_TARGET:.0f} s)" if FULL else "")
+          + f", peak RSS +{growth:.0f} MiB (chunk {chunk_mib:.0f} MiB), rank-1 {rank1}")
 
 
+@pytest.mark.timing
 @pytest.mark.skipif(not FULL, reason="the insightface-style reference is measured only at full size")
 def test_insightface_style_gather_for_comparison(benchmark):
-    """eval_ijbc.py's verification: gather both features of 100,000 pairs per batch and sum their products."""
+    """eval_ijbc.py's verification: gather both features of 100,000 pairs per batch and sum their products.
+
+    A pure timing, the comparison point for ``score_pairs`` (marked ``timing``): nothing is asserted."""
     rng = np.random.default_rng(0)
     features = rng.standard_normal((IJBC_TEMPLATES, DIM), dtype=np.float32)
     index1 = rng.integers(0, IJBC_TEMPLATES, size=IJBC_PAIRS)

@@ -37,7 +37,7 @@ IJB_IMAGES, IJB_TEMPLATES, IJB_DIM = (469_375, 23_124, 512) if FULL else (46_938
 
 
 @pytest.mark.parametrize("head_cls", [ArcFace, CosFace, NPCFace, MVSoftmax], ids=lambda c: c.__name__)
-def test_margin_head_forward_backward(benchmark, head_cls: type[torch.nn.Module]) -> None:
+def test_margin_head_forward_backward(benchmark, bench_rounds, head_cls: type[torch.nn.Module]) -> None:
     torch.manual_seed(0)
     head = head_cls(DIM, CLASSES)
     generator = torch.Generator().manual_seed(1)
@@ -51,7 +51,7 @@ def test_margin_head_forward_backward(benchmark, head_cls: type[torch.nn.Module]
         loss.backward()
         return loss.detach()
 
-    loss = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    loss = benchmark.pedantic(step, iterations=1, **bench_rounds(5, 1))
     benchmark.extra_info.update(batch=BATCH, classes=CLASSES, dim=DIM,
                                 gflop=round(3 * 2 * BATCH * CLASSES * DIM / 1e9, 2))
     assert torch.isfinite(loss) and loss.item() > 0
@@ -64,13 +64,13 @@ def test_margin_head_forward_backward(benchmark, head_cls: type[torch.nn.Module]
     assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
 
 
-def test_partial_fc_sampling(benchmark) -> None:
+def test_partial_fc_sampling(benchmark, bench_rounds) -> None:
     num_sample = math.ceil(PFC_RATE * PFC_CLASSES)
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, PFC_CLASSES, (BATCH,), generator=torch.Generator().manual_seed(1))
 
     index, remapped = benchmark.pedantic(sample_centers, args=(labels, PFC_CLASSES, num_sample, generator),
-                                         rounds=10, iterations=1, warmup_rounds=1)
+                                         iterations=1, **bench_rounds(10, 1))
     benchmark.extra_info.update(classes=PFC_CLASSES, sampled=num_sample, batch=BATCH)
     assert index.shape == (num_sample,)
     assert bool((index[1:] > index[:-1]).all())                       # sorted, no repeats
@@ -90,7 +90,7 @@ def _pooled_by_loop(features: np.ndarray, templates: np.ndarray, medias: np.ndar
     return total / np.linalg.norm(total)
 
 
-def test_ijb_template_pooling(benchmark) -> None:
+def test_ijb_template_pooling(benchmark, bench_rounds) -> None:
     rng = np.random.default_rng(0)
     templates = rng.integers(1, 4 * IJB_TEMPLATES, size=IJB_TEMPLATES)[rng.integers(0, IJB_TEMPLATES, IJB_IMAGES)]
     # media ids: about 3 images per media (a video's frames), shared across templates as in IJB-C
@@ -99,7 +99,7 @@ def test_ijb_template_pooling(benchmark) -> None:
     scores = rng.uniform(0.5, 1.0, size=IJB_IMAGES).astype(np.float32)
 
     template_ids, pooled = benchmark.pedantic(template_features, args=(features, templates, medias, scores),
-                                              rounds=3, iterations=1, warmup_rounds=1)
+                                              iterations=1, **bench_rounds(3, 1))
     benchmark.extra_info.update(images=IJB_IMAGES, templates=int(template_ids.shape[0]), dim=IJB_DIM)
     assert template_ids.tolist() == sorted(set(templates.tolist()))
     assert pooled.shape == (template_ids.shape[0], IJB_DIM) and pooled.dtype == np.float32

@@ -4,7 +4,8 @@
    IRHeader, 4 payload bytes) in both layouts: opening it (parsing the ``.idx``; the insightface layout's
    identity records, or the im2rec layout's one pass over all headers) and computing a ``shallow`` and a
    ``longtail`` split, in a fresh process that reports wall time and peak RSS. Target (issue 5): 5.8M
-   images / 86k identities in under 60 s and 2 GB on the 2-core CI machine.
+   images / 86k identities in under 60 s and 2 GB on the 2-core CI machine. The memory bound is asserted
+   (a property); the time is reported, never asserted (it depends on the machine), next to its target.
 
    CI runs a small index (200,000 images / 3,000 identities). The full size is opt-in, because generating
    the 5.8M-record files takes about a minute and 500 MB of disk::
@@ -15,7 +16,9 @@
 
 2. Loader throughput: 112 x 112 SynthFace JPEGs (quality 95, as RecBuilder) in an im2rec ``.rec``, decoded
    by 2 DataLoader workers through :class:`bench.data.loader.BatchLoader` (decode, flip, normalise), batch
-   128. Reported in images/s (target: at least 1,500 on the 2-core machine)::
+   128. Reported in images/s (target: at least 1,500 on the 2-core machine), not asserted. Asserted: every
+   image of the last timed batch is, pixel for pixel, one of the JPEGs written for its label, decoded
+   independently with Pillow and normalised, mirrored exactly where the run's flip mask says::
 
        python -m pytest tests/benchmarks/test_bench_recordio.py -s -k loader
 
@@ -38,7 +41,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.data.loader import BatchLoader
+from bench.data.loader import BatchLoader, flip_mask
 from bench.data.real import EncodedTrainSet
 from bench.data.recordio import RecordDataset, RecordFile, RecordWriter, pack_payload, write_property
 from bench.data.sampler import RandomBatchSampler
@@ -46,7 +49,8 @@ from bench.data.synthface import SynthFace, SynthFaceConfig
 
 FULL = os.environ.get("FACEBENCH_BENCH_FULL") == "1"
 IMAGES, IDENTITIES = (5_822_653, 85_742) if FULL else (200_000, 3_000)
-TIME_LIMIT_S, MEMORY_LIMIT_MB = 60.0, 2048.0
+#: Issue 5's targets: the time is reported beside the measurement, the memory bound asserted.
+TARGET_TIME_S, MEMORY_LIMIT_MB = 60.0, 2048.0
 TINY_IMAGE = b"\xff\xd8\xff\xd9"  # 4 bytes: JPEG start and end markers
 MAGIC = 0xCED7230A
 
@@ -144,16 +148,37 @@ def test_scale_labels_and_splits(tmp_path, layout, benchmark) -> None:
     assert result["layout"] == layout and result["images"] == IMAGES and result["identities"] == IDENTITIES
     assert result["shallow_images"] == int(np.minimum(counts, 2).sum())
     print(f"\n[{layout}] {IMAGES:,} images / {IDENTITIES:,} identities: labels {result['labels_s']:.1f} s, "
-          f"shallow + longtail {result['splits_s']:.1f} s, total {result['total_s']:.1f} s (imports "
-          f"{result['import_s']:.1f} s), peak RSS {result['peak_rss_mb']:.0f} MB")
-    benchmark.extra_info.update(result)
-    assert result["total_s"] < TIME_LIMIT_S and result["peak_rss_mb"] < MEMORY_LIMIT_MB
+          f"shallow + longtail {result['splits_s']:.1f} s, total {result['total_s']:.1f} s (target "
+          f"{TARGET_TIME_S:.0f} s; imports {result['import_s']:.1f} s), peak RSS {result['peak_rss_mb']:.0f} MB")
+    benchmark.extra_info.update(result, target_total_s=TARGET_TIME_S)
+    assert result["peak_rss_mb"] < MEMORY_LIMIT_MB
 
 
-LOADER_IMAGES, UNIQUE_FACES, BATCH, WORKERS = 1024, 256, 128, 2
+LOADER_IMAGES, UNIQUE_FACES, BATCH, WORKERS, TIMED_STEPS = 1024, 256, 128, 2, 48
+
+
+def _reference_faces(jpegs: list[bytes]) -> torch.Tensor:
+    """Each written JPEG decoded by Pillow directly and normalised as ``(x / 255 - 0.5) / 0.5`` (the
+    insightface convention), ``[faces, 3, S, S]`` float32."""
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in jpegs])
+    return torch.from_numpy(decoded).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _assert_batch_is_written_faces(images: torch.Tensor, labels: torch.Tensor, faces: torch.Tensor,
+                                   flipped: np.ndarray) -> None:
+    """Image ``j`` equals one of the faces stored under label ``labels[j]`` (keys ``8 L .. 8 L + 7`` hold
+    faces ``key % UNIQUE_FACES``), mirrored exactly where ``flipped[j]``."""
+    for j in range(images.shape[0]):
+        label = int(labels[j])
+        candidates = faces[[(8 * label + k) % UNIQUE_FACES for k in range(8)]]
+        if flipped[j]:
+            candidates = candidates.flip(-1)
+        assert any(torch.equal(images[j], face) for face in candidates), (j, label, bool(flipped[j]))
 
 
 def test_loader_throughput(tmp_path, benchmark) -> None:
+    """Catches a loader that serves wrong pixels (a decode, channel order or normalisation error), images
+    under the wrong labels, or flips other than the seeded mask, while it is being timed."""
     # 256 rendered faces (rendering at 112 px takes ~30 ms each here), each stored 4 times under its own key.
     synth = SynthFace(SynthFaceConfig(seed=0, image_size=112, nuisance=1.0, twin_fraction=0.1))
     identities = torch.arange(LOADER_IMAGES) // 8
@@ -175,17 +200,22 @@ def test_loader_throughput(tmp_path, benchmark) -> None:
         loader = BatchLoader(trainset, RandomBatchSampler(len(trainset), BATCH, seed=0), torch.device("cpu"), seed=0)
         for _ in range(2 * WORKERS):  # workers started and the prefetch queue primed
             next(loader)
-        steps, start = 48, time.perf_counter()
-        for _ in range(steps):
+        start = time.perf_counter()
+        for _ in range(TIMED_STEPS):
             images, labels = next(loader)
         elapsed = time.perf_counter() - start
         loader.close()
-        assert images.shape == (BATCH, 3, 112, 112) and images.dtype == torch.float32
-        return {"images_per_second": steps * BATCH / elapsed, "workers": WORKERS, "batch_size": BATCH,
+        last_batch.update(images=images, labels=labels)
+        return {"images_per_second": TIMED_STEPS * BATCH / elapsed, "workers": WORKERS, "batch_size": BATCH,
                 "mean_record_bytes": mean_jpeg_bytes}
 
+    last_batch: dict[str, torch.Tensor] = {}
     result = benchmark.pedantic(run, rounds=1, iterations=1)
     print(f"\nloader: {result['images_per_second']:.0f} img/s decoding 112x112 JPEGs (q95, "
           f"{mean_jpeg_bytes / 1024:.1f} KiB/record) with {WORKERS} workers, batch {BATCH}")
     benchmark.extra_info.update(result)
-    assert result["images_per_second"] > 0
+    images, labels = last_batch["images"], last_batch["labels"]
+    assert images.shape == (BATCH, 3, 112, 112) and images.dtype == torch.float32
+    # Batches are numbered from 0 (the primed ones included); the loader's seed is 0.
+    number = 2 * WORKERS + TIMED_STEPS - 1
+    _assert_batch_is_written_faces(images, labels, _reference_faces(jpegs), flip_mask(0, number, BATCH))
