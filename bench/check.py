@@ -2,7 +2,7 @@
 
 A baseline (``bench baseline save``) is a JSON file with one entry per configuration key (dataset, split,
 backbone, budget, method): the row ``bench report`` would show for it (mean over the newest runs' seeds,
-see :mod:`bench.report.tables`), i.e. every quality metric (accuracies, TAR@FAR, rank-N; fractions in
+see :mod:`bench.report.runs`), i.e. every quality metric (accuracies, TAR@FAR, rank-N; fractions in
 [0, 1]), throughput (img/s) and peak memory (MiB), plus the configuration hash, the commit and the device.
 
 ``bench check`` builds the same rows from the results directory and compares each baseline value:
@@ -21,7 +21,7 @@ keys change the hash without changing the results).
 
 What cannot be read is not a regression: a baseline file that is not a readable baseline, or a results
 directory whose every record is broken, raises :class:`BenchError` (exit 2); a broken record among
-readable ones is skipped with a warning line (:func:`bench.report.tables.load_records`).
+readable ones is skipped with a warning line (:func:`bench.report.runs.load_records`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tabulate import tabulate
 
 from bench.errors import BenchError
 from bench.records import atomic_write_json
-from bench.report.tables import KEY_COLUMNS, metric_columns, results_frame, summary_frame
+from bench.report.runs import KEY_COLUMNS, metric_columns, results_frame, summary_frame
 
 BASELINE_FORMAT = 1
 #: Cost metrics compared besides the quality metrics.

@@ -2,7 +2,19 @@
 command-line overrides, then validated once.
 
 A bad key or value fails with one line naming where it came from (the YAML file or the command line),
-the key and what is allowed. The resolved configuration is saved in every run record.
+the key and what is allowed. Values are read by :func:`methods.params.coerce`, the project's one coercion
+function, so a method parameter is read exactly like a configuration key.
+
+Method names are canonical after loading: ``methods`` entries and ``method_params`` keys given as an
+alias (``pm``) become the registered name (``prototype_memory``); two spellings of one method in
+``methods`` are an error; a ``method_params`` key that names no registered method is an error. Parameters
+of a registered method that is not in ``methods`` are allowed (and validated), so one preset can hold the
+parameters of every method and be reused with ``--methods``.
+
+The resolved configuration (:meth:`RunConfig.resolved`: every method's parameters with their defaults
+filled in) is saved as ``config.yaml`` in every run record, together with the record's own keys
+(:data:`RECORD_KEYS`), which loading a preset ignores: ``bench run --config results/<run>/config.yaml``
+reproduces that run's configuration and fingerprint.
 """
 
 from __future__ import annotations
@@ -12,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +31,12 @@ from typing import Any
 
 import yaml
 
+from methods.params import coerce, require
 from methods.registry import ConfigError
+
+#: Keys a run record's ``config.yaml`` holds besides the configuration (bench/runner.py writes them; the
+#: report and ``bench check`` read them). Loading a preset ignores them, so a record is a preset.
+RECORD_KEYS = ("method", "run_id", "group", "config_fingerprint", "steps", "num_classes", "world_size")
 
 #: Environment variable that overrides the default data root (``datasets/``).
 DATA_ROOT_ENV = "FACEBENCH_DATA_ROOT"
@@ -150,9 +166,23 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resolved(self) -> RunConfig:
+        """This configuration with the full parameters of every method in ``methods`` or ``method_params``
+        (defaults filled in), nested under the canonical method names: what a run record saves."""
+        from methods.base import METHODS  # imports torch: only when a run is configured
+
+        names = list(dict.fromkeys([*self.methods, *self.method_params]))
+        params = {name: METHODS.get(name).resolve_params(self.method_params.get(name)) for name in names}
+        return dataclasses.replace(self, method_params=params)
+
+    def for_method(self, name: str) -> RunConfig:
+        """The configuration of one method's run: ``methods = [name]`` and only that method's parameters."""
+        return dataclasses.replace(self, methods=[name], method_params={name: dict(self.method_params.get(name, {}))})
+
     def fingerprint(self) -> str:
-        """A short hash of everything that determines the results (not where they are written)."""
-        payload = {k: v for k, v in self.to_dict().items() if k != "out"}
+        """A short hash of everything that determines the results (not where they are written), over the
+        :meth:`resolved` configuration, so that writing a default out does not change it."""
+        payload = {k: v for k, v in self.resolved().to_dict().items() if k != "out"}
         payload["train"] = {k: v for k, v in payload["train"].items()
                             if k not in ("device", "log_every", "ckpt_every")}
         # Where the files are and how many processes decode them do not change the results.
@@ -161,10 +191,35 @@ class RunConfig:
 
 
 def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
-    """A validated :class:`RunConfig` from a mapping shaped like a preset (``source`` names it in errors)."""
-    cfg = _merge(RunConfig(), raw, source=source, prefix="")
+    """A validated :class:`RunConfig` from a mapping shaped like a preset (``source`` names it in errors);
+    the :data:`RECORD_KEYS` of a run record are ignored."""
+    cfg = _merge(RunConfig(), _without_record_keys(raw), source=source, prefix="")
+    return _finish(cfg)
+
+
+def _without_record_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in raw.items() if key not in RECORD_KEYS}
+
+
+def _finish(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with canonical method names, validated."""
+    from methods.base import METHODS  # imports torch: only when a run is configured
+
+    cfg = dataclasses.replace(cfg, methods=[METHODS.canonical(name) for name in cfg.methods])
     validate(cfg)
     return cfg
+
+
+def _canonical_method_key(key: str, source: str, path: str) -> str:
+    """The registered name of the method a ``method_params`` key names (the name or an alias); any other
+    key is one line naming it."""
+    from methods.base import METHODS  # imports torch: only when a run is configured
+
+    if key not in METHODS:
+        aliases = [f"{alias} ({name})" for name in METHODS.names() for alias in METHODS.aliases_of(name)]
+        raise ConfigError(f"{source}: '{path}.{key}' names no method; valid: {', '.join(METHODS.names())}"
+                          + (f"; aliases: {', '.join(aliases)}" if aliases else ""))
+    return METHODS.canonical(key)
 
 
 def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -181,11 +236,10 @@ def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | No
         if raw is not None:
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-            cfg = _merge(cfg, raw, source=str(path), prefix="")
+            cfg = _merge(cfg, _without_record_keys(raw), source=str(path), prefix="")
     for key, value in (overrides or {}).items():
         cfg = _merge(cfg, _nest(key.split("."), value), source="command line", prefix="")
-    validate(cfg)
-    return cfg
+    return _finish(cfg)
 
 
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:
@@ -209,103 +263,71 @@ def _merge(obj: Any, raw: dict[str, Any], source: str, prefix: str) -> Any:
         elif key == "method_params":
             updates[key] = _method_params(current, value, source, path)
         else:
-            updates[key] = _coerce(value, hints[key], source, path)
+            updates[key] = coerce(value, hints[key], f"{source}: '{path}'")
     return dataclasses.replace(obj, **updates)
 
 
 def _method_params(current: dict[str, dict[str, Any]], value: Any, source: str, path: str) -> dict:
+    """``current`` with the parameter mappings of ``value`` applied, under canonical method names, each
+    value read as its default's type (:meth:`methods.base.Method.resolve_params`)."""
+    from methods.base import METHODS  # imports torch: only when a run is configured
+
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ConfigError(f"{source}: '{path}' must map method names to parameter mappings, got {value!r}")
     merged = {name: dict(params) for name, params in current.items()}
-    for name, params in value.items():
-        merged.setdefault(str(name), {}).update(params)
+    given: dict[str, dict[str, Any]] = {}
+    for key, params in value.items():
+        name = _canonical_method_key(str(key), source, path)
+        for param, setting in params.items():
+            require(given.setdefault(name, {}).get(param, setting) == setting,
+                    f"'{path}': {name}.{param} is set twice ({name} and its alias) with different values", source)
+            given[name][param] = setting
+    for name, params in given.items():
+        resolved = METHODS.get(name).resolve_params(params)
+        merged.setdefault(name, {}).update({param: resolved[param] for param in params})
     return merged
-
-
-def _coerce(value: Any, hint: Any, source: str, path: str) -> Any:
-    """Read ``value`` as type ``hint`` (bool, int, float, str or list[str])."""
-    origin = typing.get_origin(hint)
-    if origin is list:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)):
-            raise ConfigError(f"{source}: '{path}' must be a list, got {value!r}")
-        return [str(item).strip() for item in items if str(item).strip()]
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields today
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    text = str(value).strip()
-    try:
-        if hint is bool:
-            if isinstance(value, bool):
-                return value
-            lowered = text.lower()
-            if lowered in ("true", "yes", "1", "on"):
-                return True
-            if lowered in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if hint is int:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(text.replace("_", ""))
-            if not number.is_integer():
-                raise ValueError
-            return int(number)
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(text)
-        if hint is str:
-            return text
-    except ValueError:
-        raise ConfigError(f"{source}: '{path}' must be {hint.__name__}, got {value!r}") from None
-    raise ConfigError(f"{source}: '{path}' has an unsupported type {hint}")  # pragma: no cover
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def validate(cfg: RunConfig) -> None:
     """Range checks on every value; the message names the key and the allowed values."""
     t, s, sp, e = cfg.train, cfg.data.synthface, cfg.data.split, cfg.eval
-    _require(len(cfg.methods) > 0, "methods: give at least one method")
-    _require(len(set(cfg.methods)) == len(cfg.methods), f"methods: duplicate names in {cfg.methods}")
-    _require(t.batch_size >= 2, f"train.batch_size must be >= 2, got {t.batch_size}")
-    _require(t.budget >= t.batch_size, f"train.budget ({t.budget}) must be >= train.batch_size ({t.batch_size})")
-    _require(t.embedding_size >= 2, f"train.embedding_size must be >= 2, got {t.embedding_size}")
-    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
-    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _require(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
-    _require(t.lr_power >= 0, f"train.lr_power must be >= 0, got {t.lr_power}")
-    _require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0 (0 disables), got {t.grad_clip_norm}")
-    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-    _require(t.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0: only at the end), got {t.ckpt_every}")
-    _require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
-    _require(DEVICE_PATTERN.fullmatch(t.device) is not None,
-             f"train.device must be auto, cpu, cuda or cuda:N (N a device index), got {t.device!r}")
-    _require(s.num_identities >= 2, f"data.synthface.num_identities must be >= 2, got {s.num_identities}")
-    _require(s.images_per_identity >= 2,
-             f"data.synthface.images_per_identity must be >= 2, got {s.images_per_identity}")
-    _require(16 <= s.image_size <= 512, f"data.synthface.image_size must be in [16, 512], got {s.image_size}")
-    _require(0 <= s.nuisance <= 3, f"data.synthface.nuisance must be in [0, 3], got {s.nuisance}")
-    _require(0 <= s.twin_fraction <= 1, f"data.synthface.twin_fraction must be in [0, 1], got {s.twin_fraction}")
-    _require(0 <= s.label_noise < 1, f"data.synthface.label_noise must be in [0, 1), got {s.label_noise}")
-    _require(sp.shallow_images >= 1, f"data.split.shallow_images must be >= 1, got {sp.shallow_images}")
-    _require(sp.longtail_exponent > 0, f"data.split.longtail_exponent must be > 0, got {sp.longtail_exponent}")
-    _require(sp.longtail_min_images >= 1,
-             f"data.split.longtail_min_images must be >= 1, got {sp.longtail_min_images}")
-    _require(sp.max_identities >= 0, f"data.split.max_identities must be >= 0 (0: all), got {sp.max_identities}")
-    _require(cfg.data.workers >= 0, f"data.workers must be >= 0, got {cfg.data.workers}")
-    _require(cfg.data.dataset != "custom" or bool(cfg.data.card),
-             "data.card: dataset 'custom' needs a dataset card, e.g. --set data.card=my_dataset.yaml")
-    _require(len(e.protocols) > 0, "eval.protocols: give at least one protocol")
-    _require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
-    _require(e.tar_read_off in ("nearest", "at_most"),
-             f"eval.tar_read_off must be nearest or at_most, got {e.tar_read_off!r}")
-    _require(len(e.megaface_variants) > 0 and set(e.megaface_variants) <= {"raw", "refined"},
-             f"eval.megaface_variants must be raw and/or refined, got {e.megaface_variants}")
+    require(len(cfg.methods) > 0, "methods: give at least one method")
+    require(len(set(cfg.methods)) == len(cfg.methods), f"methods: duplicate names in {cfg.methods}")
+    require(t.batch_size >= 2, f"train.batch_size must be >= 2, got {t.batch_size}")
+    require(t.budget >= t.batch_size, f"train.budget ({t.budget}) must be >= train.batch_size ({t.batch_size})")
+    require(t.embedding_size >= 2, f"train.embedding_size must be >= 2, got {t.embedding_size}")
+    require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
+    require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    require(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
+    require(t.lr_power >= 0, f"train.lr_power must be >= 0, got {t.lr_power}")
+    require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0 (0 disables), got {t.grad_clip_norm}")
+    require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    require(t.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0: only at the end), got {t.ckpt_every}")
+    require(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    require(DEVICE_PATTERN.fullmatch(t.device) is not None,
+            f"train.device must be auto, cpu, cuda or cuda:N (N a device index), got {t.device!r}")
+    require(s.num_identities >= 2, f"data.synthface.num_identities must be >= 2, got {s.num_identities}")
+    require(s.images_per_identity >= 2,
+            f"data.synthface.images_per_identity must be >= 2, got {s.images_per_identity}")
+    require(16 <= s.image_size <= 512, f"data.synthface.image_size must be in [16, 512], got {s.image_size}")
+    require(0 <= s.nuisance <= 3, f"data.synthface.nuisance must be in [0, 3], got {s.nuisance}")
+    require(0 <= s.twin_fraction <= 1, f"data.synthface.twin_fraction must be in [0, 1], got {s.twin_fraction}")
+    require(0 <= s.label_noise < 1, f"data.synthface.label_noise must be in [0, 1), got {s.label_noise}")
+    require(sp.shallow_images >= 1, f"data.split.shallow_images must be >= 1, got {sp.shallow_images}")
+    require(sp.longtail_exponent > 0, f"data.split.longtail_exponent must be > 0, got {sp.longtail_exponent}")
+    require(sp.longtail_min_images >= 1,
+            f"data.split.longtail_min_images must be >= 1, got {sp.longtail_min_images}")
+    require(sp.max_identities >= 0, f"data.split.max_identities must be >= 0 (0: all), got {sp.max_identities}")
+    require(cfg.data.workers >= 0, f"data.workers must be >= 0, got {cfg.data.workers}")
+    require(cfg.data.dataset != "custom" or bool(cfg.data.card),
+            "data.card: dataset 'custom' needs a dataset card, e.g. --set data.card=my_dataset.yaml")
+    require(len(e.protocols) > 0, "eval.protocols: give at least one protocol")
+    require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    require(e.tar_read_off in ("nearest", "at_most"),
+            f"eval.tar_read_off must be nearest or at_most, got {e.tar_read_off!r}")
+    require(len(e.megaface_variants) > 0 and set(e.megaface_variants) <= {"raw", "refined"},
+            f"eval.megaface_variants must be raw and/or refined, got {e.megaface_variants}")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

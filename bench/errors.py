@@ -1,12 +1,13 @@
 """Errors a user can cause and fix: each prints as one line and exits with code 2 (STYLE.md, CLI).
 
-:class:`methods.registry.ConfigError` (bad name or value) is raised by both packages; the harness adds
-errors about files and directories here.
+:class:`methods.errors.ConfigError` (bad name or value) is raised by both packages; the harness adds
+errors about files and directories here. Importing this module imports neither torch nor numpy, so the
+CLI can print help and errors without them.
 """
 
 from __future__ import annotations
 
-from methods.registry import ConfigError, UnknownNameError
+from methods.errors import ConfigError, UnknownNameError
 
 
 class BenchError(Exception):

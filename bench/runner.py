@@ -20,21 +20,22 @@ import torch
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bench.backbones import BACKBONES, build_backbone
 from bench.checkpoint import Checkpointer, read_manifest, rng_state, set_rng_state
-from bench.config import RunConfig, config_from_dict
-from bench.data.datasets import DATASETS, TrainSet, build_trainset
+from bench.config import RunConfig, load_config
+from bench.data.catalog import DATASETS, build_trainset
+from bench.data.datasets import TrainSet
 from bench.data.loader import BatchLoader
 from bench.data.sampler import ClassBalancedBatchSampler, RandomBatchSampler, RankSlice
 from bench.data.splits import SPLITS
 from bench.eval import PROTOCOLS, build_protocol, check_available, model_input_size
 from bench.distributed import barrier, broadcast_object, check_batch_divides, init_from_environment
 from bench.errors import BenchError, ResultsDirError
+from bench.progress import training_progress
 from bench.records import RunLock, RunRecord, ensure_writable_dir, environment
 from bench.train import NonFiniteLossError, Trainer, seed_everything
-from methods.base import METHODS, BatchSpec, Method, build_method
+from methods.base import METHODS, BatchSpec, Method, MethodContext, build_method
 from methods.distributed import DistContext
 from methods.registry import ConfigError
 
@@ -48,7 +49,8 @@ class MethodRun:
 
 
 def check_names(cfg: RunConfig) -> None:
-    """Every registry name in ``cfg`` exists, and every method parameter is valid (raises ConfigError)."""
+    """Every registry name in ``cfg`` exists (raises ConfigError); method names and parameters were checked
+    when the configuration was loaded."""
     for name in cfg.methods:
         METHODS.canonical(name)
     BACKBONES.canonical(cfg.train.backbone)
@@ -56,8 +58,13 @@ def check_names(cfg: RunConfig) -> None:
     SPLITS.canonical(cfg.data.split.name)
     for protocol in cfg.eval.protocols:
         PROTOCOLS.canonical(protocol)
-    for name, params in cfg.method_params.items():
-        resolved_method_params(name, params)
+
+
+def method_context(cfg: RunConfig, num_classes: int, dist: DistContext) -> MethodContext:
+    """The shape of a run of ``cfg`` on ``num_classes`` classes, as its methods receive it (built here only)."""
+    t = cfg.train
+    return MethodContext(num_classes=num_classes, embedding_size=t.embedding_size, global_batch_size=t.batch_size,
+                         total_steps=t.budget // t.batch_size, dist=dist)
 
 
 def check_methods(cfg: RunConfig, dist: DistContext) -> None:
@@ -65,27 +72,29 @@ def check_methods(cfg: RunConfig, dist: DistContext) -> None:
     of its ``batch_spec.views_per_class`` on each of ``dist.world_size`` ranks (raises ConfigError).
 
     ours: so that a bad value of the last method fails before the first one writes a record, or any data is
-    read. A method is built here on a stand-in identity backbone and a stand-in class count, since the real
-    count is known only once the training set is built; the method is built again on it before training.
+    read. Each method is built through the same contract as for training (``from_config``: resolve, check,
+    construct), in one process on an identity backbone, with the run's context but a stand-in class count,
+    since the real count is known only once the training set is built; it is built again on it before
+    training.
     """
     for name in cfg.methods:
-        overrides = cfg.method_params.get(name)
-        classes = _stand_in_classes(resolved_method_params(name, overrides))
+        params = cfg.method_params.get(name)
+        classes = _stand_in_classes(METHODS.get(name).resolve_params(params), cfg.train.batch_size)
         with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
-            method = build_method(name, torch.nn.Identity(), classes, cfg.train.embedding_size, overrides,
-                                  dist=DistContext())
+            method = build_method(name, torch.nn.Identity(), method_context(cfg, classes, DistContext()), params)
         try:
             check_batch_divides(cfg.train.batch_size, method.batch_spec.views_per_class, dist)
         except ConfigError as exc:
             raise ConfigError(f"method '{name}': {exc}") from None
 
 
-def _stand_in_classes(params: dict[str, Any]) -> int:
-    """A class count above every integer parameter of a method (ours): a check that compares a parameter
-    with the class count (SST: ``queue_size`` < identities) cannot fail on the stand-in, only on the real
-    count. It is small for the default parameters, so the stand-in's class centers cost nothing."""
+def _stand_in_classes(params: dict[str, Any], batch_size: int) -> int:
+    """A class count above the batch and every integer parameter of a method (ours): a check that compares
+    the class count with a parameter (SST: ``queue_size`` < identities) or with the batch (SST's queue holds
+    a batch of identities) cannot fail on the stand-in, only on the real count. It is small for the default
+    parameters, so the stand-in's class centers cost nothing."""
     integers = [value for value in params.values() if isinstance(value, int) and not isinstance(value, bool)]
-    return max([2, *integers]) + 1
+    return max([2, batch_size, *integers]) + 1
 
 
 def check_protocols(cfg: RunConfig) -> None:
@@ -94,24 +103,12 @@ def check_protocols(cfg: RunConfig) -> None:
         check_available(name, cfg.data)
 
 
-def resolved_method_params(name: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """The method's defaults with ``overrides`` applied (validated against the method's parameters)."""
-    return METHODS.get(name).resolve_params(overrides)
-
-
 def make_sampler(spec: BatchSpec, trainset: TrainSet, batch_size: int, seed: int):
     if spec.views_per_class == 1:
         return RandomBatchSampler(len(trainset), batch_size, seed)
     return ClassBalancedBatchSampler(trainset.labels.numpy(), batch_size, spec.views_per_class, seed,
                                      views_with_replacement=spec.views_with_replacement,
                                      identity_reuse_gap=spec.identity_reuse_gap)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                    transient=False)
 
 
 def _open_record(results_dir: Path, method_name: str, cfg: RunConfig, dist: DistContext,
@@ -139,13 +136,12 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
     """
     dist = dist or DistContext()
     t = cfg.train
-    params = resolved_method_params(method_name, cfg.method_params.get(method_name))
     seed_everything(t.seed, t.deterministic)
     backbone = build_backbone(t.backbone, embedding_size=t.embedding_size, input_size=trainset.image_size)
-    method: Method = build_method(method_name, backbone, trainset.num_classes, t.embedding_size,
-                                  cfg.method_params.get(method_name), dist=dist)
+    ctx = method_context(cfg, trainset.num_classes, dist)
+    method: Method = build_method(method_name, backbone, ctx, cfg.method_params.get(method_name))
     method.to(device)
-    steps = t.budget // t.batch_size
+    steps = ctx.total_steps
     check_batch_divides(t.batch_size, method.batch_spec.views_per_class, dist)
 
     record = _open_record(results_dir, method_name, cfg, dist, resume_dir)
@@ -153,10 +149,11 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
     # A fresh run holds its directory's lock from its creation to metrics.json (a resumed one: resume()).
     with RunLock(record.directory, enabled=dist.is_main and resume_dir is None, warn=_warner(console)):
         if dist.is_main and resume_dir is None:
-            config = {**cfg.to_dict(), "run_id": record.run_id, "group": group,
-                      "method": METHODS.canonical(method_name), "method_params": params,
-                      "config_fingerprint": cfg.fingerprint(), "steps": steps, "num_classes": trainset.num_classes,
-                      "world_size": dist.world_size}
+            # A preset (bench.config.RECORD_KEYS are ignored when it is loaded): this method's run, resolved.
+            run_cfg = cfg.for_method(method_name).resolved()
+            config = {**run_cfg.to_dict(), "run_id": record.run_id, "group": group, "method": method_name,
+                      "config_fingerprint": run_cfg.fingerprint(), "steps": steps,
+                      "num_classes": trainset.num_classes, "world_size": dist.world_size}
             _write_record_files(record, {"config.yaml": config, "env.json": environment(str(device)),
                                          "data.json": trainset.info}, "the run had not started")
 
@@ -183,7 +180,7 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
 
         show = progress and dist.is_main
         try:
-            with (_progress(console) if show else _NoProgress()) as bar:
+            with training_progress(console, show, t.batch_size) as bar:
                 task = bar.add_task(f"{method_name:>10}", total=steps, completed=trainer.steps_done, loss="-",
                                     speed="-")
 
@@ -265,20 +262,6 @@ def _count(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
-class _NoProgress:
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: object, **kwargs: object) -> int:
-        return 0
-
-    def update(self, *args: object, **kwargs: object) -> None:
-        return None
-
-
 def _prepare(cfg: RunConfig, dist: DistContext, progress: bool) -> tuple[TrainSet, list[Any]]:
     """The training set (every rank) and the protocols (rank 0, which alone evaluates).
 
@@ -350,13 +333,12 @@ def resume(run_dir: Path, console: Console | None = None, progress: bool = True)
         if read_manifest(run_dir / "checkpoints") is None:
             raise BenchError(f"{run_dir}: the run has no checkpoint to resume from")
         stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        missing = [key for key in ("method", "method_params", "data", "train", "eval", "out") if key not in stored]
+        missing = [key for key in ("method", "methods", "method_params", "data", "train", "eval", "out")
+                   if not isinstance(stored, dict) or key not in stored]
         if missing:
             raise BenchError(f"{run_dir / 'config.yaml'}: not a FaceBench run config (no '{missing[0]}')")
-        method_name = stored["method"]
-        cfg = config_from_dict({key: stored[key] for key in ("data", "train", "eval", "out")},
-                               source=str(run_dir / "config.yaml"))
-        cfg = replace(cfg, methods=[method_name], method_params={method_name: stored["method_params"]})
+        cfg = load_config(run_dir / "config.yaml")  # the record is a preset of this one method's run
+        method_name = cfg.methods[0]
         check_names(cfg)
         dist, device = init_from_environment(cfg.train.device)
         trainset, protocols = _prepare(cfg, dist, progress)

@@ -34,12 +34,15 @@ from methods.distributed import DistContext
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch (all devices); optionally force deterministic algorithms."""
+    """Seed Python, NumPy and torch (all devices) and set torch's deterministic-algorithms switch to
+    ``deterministic``, both ways: the switch is process-global, so a run with ``deterministic=False`` after
+    one with ``True`` in the same process (``bench run --seeds``, tests) must turn it off again, or it
+    trains with other kernels (other rounding) than the same run alone."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
 
 

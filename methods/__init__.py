@@ -1,11 +1,26 @@
 """FaceBench methods: one module per paper, each a drop-in ``nn.Module`` that imports only torch.
 
-Importing this package registers every method in :data:`methods.base.METHODS`.
+Importing this package is light (no torch): ``bench --help`` and ``bench list`` run without it (issue 14,
+item 5). The names below are re-exported lazily (PEP 562 ``__getattr__``) from :mod:`methods.base`
+(``from methods import dcq`` imports a submodule as usual). :data:`methods.base.METHODS` registers every
+method at its first lookup (:func:`methods.catalog.import_method_modules`), so nobody needs to import the method
+modules first.
 """
 
-from methods.base import METHODS, BatchSpec, LossOutput, Method, build_method  # noqa: F401
-from methods import arcface, mv_softmax, npcface, partial_fc  # noqa: F401  (register the heads)
-from methods import dcq  # noqa: F401  (registers dcq)
-from methods import sst  # noqa: F401  (registers sst)
-from methods import masst  # noqa: F401  (registers masst)
-from methods import prototype_memory  # noqa: F401  (registers prototype_memory, alias pm)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Names re-exported from :mod:`methods.base`, imported when first used.
+_FROM_BASE = ("METHODS", "BatchSpec", "LossOutput", "Method", "MethodContext", "build_method")
+
+
+def __getattr__(name: str) -> Any:
+    """``methods.METHODS`` etc., imported from :mod:`methods.base` when first used (PEP 562)."""
+    if name in _FROM_BASE:
+        return getattr(importlib.import_module("methods.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_FROM_BASE)

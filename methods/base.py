@@ -3,8 +3,13 @@
 A *method* is an ``nn.Module`` that owns everything it trains besides the backbone and everything it
 keeps between steps (class centers, momentum encoders, queues, memories). The harness only ever calls:
 
-- ``Method.from_config(backbone, num_classes, embedding_size, cfg, dist)``: build with the paper's
-  defaults overridden by ``cfg`` (validated: an unknown key or a bad value is a one-line ConfigError);
+- ``Method.from_config(backbone, ctx, cfg)``: build with the paper's defaults overridden by ``cfg``.
+  ``ctx`` is the run's shape (:class:`MethodContext`: classes, embedding size, global batch size, steps,
+  processes), built once by the runner. ``from_config`` is a template method of this base class:
+  resolve the defaults (one place per method: its constructor's signature) with ``cfg`` (unknown key or
+  bad type: a one-line ConfigError) -> ``cls.check(ctx, params)`` (ranges) -> ``cls(backbone, ctx,
+  **params)``. Every method allocates all of its state (queues, memories, centers) in ``__init__``, so
+  ``load_state_dict`` never resizes anything;
 - ``method.batch_spec``: which batches the harness's sampler must serve (plain random batches, or
   ``views_per_class = k`` images of each identity side by side);
 - ``method(images, labels) -> LossOutput(loss, logs)``;
@@ -26,8 +31,36 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from methods.catalog import import_method_modules
 from methods.distributed import DistContext
+from methods.params import coerce
 from methods.registry import ConfigError, Registry
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """The run's shape, as far as a method needs it (ours: built once by the runner, so that a method
+    sizes its state in ``__init__`` instead of at its first step).
+
+    ``global_batch_size``: images per optimizer step over all ranks, all views counted;
+    ``total_steps``: optimizer steps of the run; ``dist``: this process among how many.
+    """
+
+    num_classes: int
+    embedding_size: int
+    global_batch_size: int
+    total_steps: int = 1
+    dist: DistContext = field(default_factory=DistContext)
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1 or self.global_batch_size % self.dist.world_size:
+            raise ConfigError(f"batch size {self.global_batch_size} does not split over {self.dist.world_size} "
+                              f"rank(s)")
+
+    @property
+    def local_batch_size(self) -> int:
+        """Images per step on this rank."""
+        return self.global_batch_size // self.dist.world_size
 
 
 @dataclass(frozen=True)
@@ -79,7 +112,8 @@ def check_params(owner: str, defaults: Mapping[str, Any], cfg: Mapping[str, Any]
     for key, value in (cfg or {}).items():
         if key not in defaults:
             raise ConfigError(f"{owner}: unknown parameter '{key}'; valid: {', '.join(defaults) or '(none)'}")
-        out[key] = _coerce(owner, key, value, defaults[key])
+        default = defaults[key]
+        out[key] = coerce(value, None if default is None else type(default), f"{owner}: parameter '{key}'")
     return out
 
 
@@ -88,36 +122,6 @@ def parameter_defaults(target: Callable[..., Any], skip: tuple[str, ...] = ()) -
     params = inspect.signature(target).parameters
     return {name: p.default for name, p in params.items()
             if name not in skip and name != "self" and p.default is not inspect.Parameter.empty}
-
-
-def _coerce(owner: str, key: str, value: Any, default: Any) -> Any:
-    """Read ``value`` as the type of ``default`` (YAML and the command line give strings and ints)."""
-    kind = type(default)
-    if default is None or type(value) is kind:
-        return value
-    text = str(value).strip().lower()
-    if kind is bool and text in _BOOL_WORDS:
-        return _BOOL_WORDS[text]
-    if kind is int and not isinstance(value, bool):
-        try:
-            number = float(value)
-            if number.is_integer():
-                return int(number)
-        except (TypeError, ValueError):
-            pass
-    if kind is float and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    if kind is str and isinstance(value, str):
-        return value
-    if kind not in (bool, int, float, str) and isinstance(value, kind):
-        return value
-    raise ConfigError(f"{owner}: parameter '{key}' must be {kind.__name__}, got {value!r}")
-
-
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 class Method(nn.Module):
@@ -134,19 +138,38 @@ class Method(nn.Module):
         self.batch_spec = batch_spec
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
-                    cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> Method:
-        raise NotImplementedError(f"{cls.__name__} must implement from_config")
+    def from_config(cls, backbone: nn.Module, ctx: MethodContext, cfg: Mapping[str, Any] | None = None) -> Method:
+        """Build with the defaults overridden by ``cfg``: resolve -> :meth:`check` -> construct (ours: the
+        one place parameters are read, so no method re-implements it)."""
+        params = cls.resolve_params(cfg)
+        cls.check(ctx, params)
+        return cls(backbone, ctx, **params)
+
+    @classmethod
+    def check(cls, ctx: MethodContext, params: Mapping[str, Any]) -> None:
+        """Range checks of resolved ``params`` for a run of shape ``ctx`` (ConfigError naming the method and
+        the key); nothing by default (a head checks its values in its own constructor)."""
+
+    @classmethod
+    def owner(cls) -> str:
+        """How errors name this method: ``method '<name>'``."""
+        return f"method '{cls.name}'"
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The method's hyperparameters and their defaults (shown by ``bench list``)."""
-        raise NotImplementedError(f"{cls.__name__} must implement defaults")
+        """The method's hyperparameters and their defaults (shown by ``bench list``): the keyword defaults of
+        the constructors of the method's classes (a subclass adds to its parent's, as MASST to SST's)."""
+        own = cls.__mro__[:cls.__mro__.index(Method)]
+        out: dict[str, Any] = {}
+        for klass in reversed(own):
+            if "__init__" in vars(klass):
+                out.update(parameter_defaults(klass.__init__, _CONTRACT_ARGS))
+        return out
 
     @classmethod
     def resolve_params(cls, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The defaults with ``cfg`` applied and validated (what a run record stores)."""
-        return check_params(f"method '{cls.name}'", cls.defaults(), cfg)
+        return check_params(cls.owner(), cls.defaults(), cfg)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:  # pragma: no cover
         raise NotImplementedError
@@ -194,7 +217,10 @@ class Method(nn.Module):
         return []
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", populate=import_method_modules)
+
+#: Constructor arguments of a Method that are not hyperparameters.
+_CONTRACT_ARGS = ("backbone", "ctx")
 
 
 class HeadMethod(Method):
@@ -203,20 +229,15 @@ class HeadMethod(Method):
     #: The head class; set by :func:`register_head`.
     head_cls: ClassVar[type[nn.Module]]
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, ctx: MethodContext, **head_params: Any) -> None:
         super().__init__(backbone)
-        self.head = head
-
-    @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
-                    cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> HeadMethod:
-        head_args = cls.resolve_params(cfg)
-        if "dist" in inspect.signature(cls.head_cls).parameters:
-            head_args["dist"] = dist
-        return cls(backbone, cls.head_cls(embedding_size, num_classes, **head_args))
+        if "dist" in inspect.signature(self.head_cls).parameters:
+            head_params["dist"] = ctx.dist
+        self.head = self.head_cls(ctx.embedding_size, ctx.num_classes, **head_params)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
+        """The head constructor's keyword defaults (the one place they are written)."""
         return parameter_defaults(cls.head_cls, _HEAD_SIZE_ARGS)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
@@ -266,7 +287,6 @@ def register_method(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[ty
     return add
 
 
-def build_method(name: str, backbone: nn.Module, num_classes: int, embedding_size: int,
-                 cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> Method:
-    """Build the registered method ``name`` (an unknown name lists the valid ones)."""
-    return METHODS.get(name).from_config(backbone, num_classes, embedding_size, cfg, dist or DistContext.current())
+def build_method(name: str, backbone: nn.Module, ctx: MethodContext, cfg: Mapping[str, Any] | None = None) -> Method:
+    """Build the registered method ``name`` for a run of shape ``ctx`` (an unknown name lists the valid ones)."""
+    return METHODS.get(name).from_config(backbone, ctx, cfg)

@@ -25,7 +25,7 @@ Defaults and their sources:
 
 - ``s = 50``, ``m = 0.3``: ``train_scripts/train_dcq_ir*_q8192_ms1mv2.sh`` (``--scale 50 --margin 0.3``).
 - ``momentum = 0.999``: ``train.py`` ``--dcq-momentum`` and the scripts.
-- ``queue_size = 0``: derived at the first step as ``queue_fraction * num_classes`` rounded *down* to a
+- ``queue_size = 0``: derived at construction as ``queue_fraction * num_classes`` rounded *down* to a
   multiple of the global number of weights per step (batch elements x ranks), and at least one step's
   worth. ``queue_fraction = 0.1``: the paper's finding (abstract: "10% of classes are sufficient"); with
   MS1MV2's 85,742 identities and the authors' 512 weights per step this gives their 8,192
@@ -64,13 +64,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import BatchSpec, LossOutput, Method, register_method
-from methods.distributed import DistContext
+from methods.base import BatchSpec, LossOutput, Method, MethodContext, register_method
 from methods.margins import cos_margin, full_precision
 from methods.momentum import BUFFER_RULES, MomentumEncoder
-from methods.queues import (FeatureQueue, checked_queue_size, gather_for_enqueue, mask_same_label, random_unit_rows,
-                            split_views)
-from methods.registry import ConfigError
+from methods.params import require
+from methods.queues import (FeatureQueue, StagedWrite, checked_queue_size, gather_for_enqueue, mask_same_label,
+                            random_unit_rows, split_views)
 
 
 @register_method("dcq")
@@ -79,56 +78,48 @@ class DCQ(Method):
 
     encoder_names = ("momentum", "query")
 
-    def __init__(self, backbone: nn.Module, num_classes: int, embedding_size: int, *, s: float, m: float,
-                 momentum: float, queue_size: int, queue_fraction: float, shots: int,
-                 key_with_replacement: bool, momentum_buffers: str, shuffle_bn: bool = False,
-                 dist: DistContext | None = None) -> None:
+    def __init__(self, backbone: nn.Module, ctx: MethodContext, *, s: float = 50.0, m: float = 0.3,
+                 momentum: float = 0.999, queue_size: int = 0, queue_fraction: float = 0.1, shots: int = 1,
+                 key_with_replacement: bool = True, momentum_buffers: str = "ema", shuffle_bn: bool = False) -> None:
         super().__init__(backbone, BatchSpec(views_per_class=1 + shots, views_with_replacement=key_with_replacement))
-        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.num_classes, self.embedding_size = ctx.num_classes, ctx.embedding_size
         self.s, self.m, self.shots = float(s), float(m), shots
         self.queue_size, self.queue_fraction = queue_size, float(queue_fraction)
-        self.dist = dist or DistContext()
+        self.dist = ctx.dist
         self.weight_generator = MomentumEncoder(backbone, momentum, buffers=momentum_buffers, train_mode="all",
                                                 shuffle_bn=shuffle_bn, dist=self.dist)
-        self.queue = FeatureQueue(embedding_size)
         # Seeds the queue's random initial rows; a buffer, so a resumed run has the same one.
         self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"s": 50.0, "m": 0.3, "momentum": 0.999, "queue_size": 0, "queue_fraction": 0.1, "shots": 1,
-                "key_with_replacement": True, "momentum_buffers": "ema", "shuffle_bn": False}
-
-    @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
-                    cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> DCQ:
-        p = cls.resolve_params(cfg)
-        _check(p["s"] > 0, f"s must be > 0, got {p['s']}")
-        _check(0.0 <= p["m"] < 2.0, f"m must be in [0, 2), got {p['m']}")
-        _check(0.0 <= p["momentum"] <= 1.0, f"momentum must be in [0, 1], got {p['momentum']}")
-        _check(p["queue_size"] >= 0, f"queue_size must be >= 0 (0 = derived), got {p['queue_size']}")
-        _check(0.0 < p["queue_fraction"] <= 1.0, f"queue_fraction must be in (0, 1], got {p['queue_fraction']}")
-        _check(p["shots"] >= 1, f"shots must be >= 1, got {p['shots']}")
-        _check(p["momentum_buffers"] in BUFFER_RULES,
-               f"momentum_buffers must be one of {', '.join(BUFFER_RULES)}, got {p['momentum_buffers']!r}")
-        return cls(backbone, num_classes, embedding_size, dist=dist, **p)
-
-    def weights_per_step(self, batch_size: int) -> int:
-        """Class weights enqueued per step over all ranks (one per batch element)."""
-        return batch_size // (1 + self.shots) * self.dist.world_size
-
-    def derived_queue_size(self, batch_size: int) -> int:
-        """The queue size for a local batch of ``batch_size`` images (see the module docstring)."""
-        step = self.weights_per_step(batch_size)
-        if self.queue_size:
-            return checked_queue_size("dcq", self.queue_size, step, "the weights enqueued per step")
-        return max(step, int(self.queue_fraction * self.num_classes) // step * step)
-
-    def _allocate_queue(self, batch_size: int) -> None:
-        capacity = self.derived_queue_size(batch_size)
+        capacity = self.queue_capacity(ctx, {"queue_size": queue_size, "queue_fraction": queue_fraction,
+                                             "shots": shots})
         generator = torch.Generator().manual_seed(int(self.rng_seed))
-        self.queue.allocate(capacity, random_unit_rows(capacity, self.embedding_size, generator, "normal"))
+        self.queue = FeatureQueue(ctx.embedding_size, capacity,
+                                  random_unit_rows(capacity, ctx.embedding_size, generator, "normal"))
+        self.staged = StagedWrite()
+
+    @classmethod
+    def check(cls, ctx: MethodContext, p: Mapping[str, Any]) -> None:
+        owner = cls.owner()
+        require(p["s"] > 0, f"s must be > 0, got {p['s']}", owner)
+        require(0.0 <= p["m"] < 2.0, f"m must be in [0, 2), got {p['m']}", owner)
+        require(0.0 <= p["momentum"] <= 1.0, f"momentum must be in [0, 1], got {p['momentum']}", owner)
+        require(p["queue_size"] >= 0, f"queue_size must be >= 0 (0 = derived), got {p['queue_size']}", owner)
+        require(0.0 < p["queue_fraction"] <= 1.0, f"queue_fraction must be in (0, 1], got {p['queue_fraction']}",
+                owner)
+        require(p["shots"] >= 1, f"shots must be >= 1, got {p['shots']}", owner)
+        require(p["momentum_buffers"] in BUFFER_RULES,
+                f"momentum_buffers must be one of {', '.join(BUFFER_RULES)}, got {p['momentum_buffers']!r}", owner)
+        cls.queue_capacity(ctx, p)
+
+    @classmethod
+    def queue_capacity(cls, ctx: MethodContext, p: Mapping[str, Any]) -> int:
+        """The queue size for a run of shape ``ctx`` (module docstring): a set ``queue_size`` (a multiple of
+        the weights enqueued per step, one per identity of the global batch), else ``queue_fraction`` of
+        the classes rounded down to such a multiple, at least one step's weights."""
+        step = max(1, ctx.global_batch_size // (1 + p["shots"]))
+        if p["queue_size"]:
+            return checked_queue_size(cls.name, p["queue_size"], step, "the weights enqueued per step")
+        return max(step, int(p["queue_fraction"] * ctx.num_classes) // step * step)
 
     def generate_weights(self, references: torch.Tensor) -> torch.Tensor:
         """Class weights ``[G, D]`` (unit rows) from reference images ``[G, K, ...]``, without gradient."""
@@ -150,20 +141,16 @@ class DCQ(Method):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         grouped, identity = split_views(images, labels, 1 + self.shots)
-        if not self.queue.allocated:
-            self._allocate_queue(images.shape[0])
         weights = self.generate_weights(grouped[:, 1:])
         queries = self.backbone(grouped[:, 0])
         logits = self.logits(queries, weights, identity)
         loss = F.cross_entropy(logits, torch.zeros_like(identity))
-        self._pending = gather_for_enqueue(self.dist, weights, identity)
+        self.staged.stage(*gather_for_enqueue(self.dist, weights, identity))
         return LossOutput(loss, {"positive_cos": logits[:, 0].detach().mean() / self.s + self.m})
 
     def on_step_end(self) -> None:
         self.weight_generator.update(self.backbone)
-        if self._pending is not None:
-            self.queue.enqueue(*self._pending)
-            self._pending = None
+        self.staged.commit(self.queue.enqueue)
 
     def encoder(self, which: str | None = None) -> nn.Module:
         which = which or self.encoder_names[0]
@@ -171,7 +158,3 @@ class DCQ(Method):
             return self.weight_generator
         return super().encoder(which)
 
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"method 'dcq': {message}")

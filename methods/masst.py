@@ -30,9 +30,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
-from methods.base import register_method
-from methods.sst import _STREAM_AGENT, SST, _checker, step_generator
+from methods.base import MethodContext, register_method
+from methods.params import require
+from methods.sst import _STREAM_AGENT, SST, step_generator
 
 ROTATIONS = ("sequential", "random")
 UPDATES = ("active", "all")
@@ -42,21 +44,21 @@ UPDATES = ("active", "all")
 class MASST(SST):
     """Multi-Agent SST: a rotated stack of momentum gallery agents sharing one prototype queue."""
 
-    def __init__(self, *args: Any, num_agents: int, rotation: str, update: str, **kwargs: Any) -> None:
-        super().__init__(*args, num_agents=num_agents, **kwargs)
+    def __init__(self, backbone: nn.Module, ctx: MethodContext, *, num_agents: int = 3, rotation: str = "sequential",
+                 update: str = "active", **sst_params: Any) -> None:
+        super().__init__(backbone, ctx, **sst_params)
+        # SST built agent 0; the others are momentum copies of the same probe, so all start equal.
+        self.galleries.extend(self.new_gallery() for _ in range(num_agents - 1))
         self.num_agents, self.rotation, self.update_rule = num_agents, rotation, update
 
     @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {**SST.defaults(), "num_agents": 3, "rotation": "sequential", "update": "active"}
-
-    @classmethod
-    def check(cls, num_classes: int, p: Mapping[str, Any]) -> None:
-        super().check(num_classes, p)
-        fail = _checker(cls.name)
-        fail(p["num_agents"] >= 1, f"num_agents must be >= 1, got {p['num_agents']}")
-        fail(p["rotation"] in ROTATIONS, f"rotation must be one of {', '.join(ROTATIONS)}, got {p['rotation']!r}")
-        fail(p["update"] in UPDATES, f"update must be one of {', '.join(UPDATES)}, got {p['update']!r}")
+    def check(cls, ctx: MethodContext, p: Mapping[str, Any]) -> None:
+        super().check(ctx, p)
+        owner = cls.owner()
+        require(p["num_agents"] >= 1, f"num_agents must be >= 1, got {p['num_agents']}", owner)
+        require(p["rotation"] in ROTATIONS, f"rotation must be one of {', '.join(ROTATIONS)}, got {p['rotation']!r}",
+                owner)
+        require(p["update"] in UPDATES, f"update must be one of {', '.join(UPDATES)}, got {p['update']!r}", owner)
 
     def active_agent(self) -> int:
         step = int(self.steps)

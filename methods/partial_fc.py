@@ -86,7 +86,11 @@ def sample_centers(labels: torch.Tensor, num_classes: int, num_sample: int,
         return torch.arange(num_classes, device=labels.device), labels
     scores = torch.rand(num_classes, generator=generator, device=generator.device)
     scores[positives.to(scores.device)] = 2.0  # above every U[0, 1) draw: positives are always kept
-    index = torch.topk(scores, count, sorted=False).indices.sort().values.to(labels.device)
+    # The kept centers in increasing order, as a mask's nonzero positions rather than a sort of the top-k
+    # indices (ours: the same indices; O(C) and about 10x faster than sorting 100k indices on a 2-core CPU).
+    chosen = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
+    chosen[torch.topk(scores, count, sorted=False).indices] = True
+    index = chosen.nonzero().squeeze(1).to(labels.device)
     remapped = torch.searchsorted(index, labels.clamp_min(0))
     return index, torch.where(owned, remapped, labels)
 
@@ -119,6 +123,10 @@ class PartialFC(nn.Module):
         else:
             self.register_buffer("weight", weight)
             self.active_weight = nn.Parameter(torch.empty(0, embedding_size))
+            # Reused every step for the sampled rows (see _swap_in); not saved. torch.empty does not touch
+            # its pages, so it costs resident memory only once used.
+            self.register_buffer("active_rows_workspace", torch.empty(self.num_sample, embedding_size),
+                                 persistent=False)
         # Sampling has its own generator (seeded from the global one) so that its state is resumable.
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self._optimizer: torch.optim.Optimizer | None = None
@@ -182,8 +190,20 @@ class PartialFC(nn.Module):
         self.step_end()
 
     def _swap_in(self, index: torch.Tensor) -> None:
+        """The sampled rows become ``active_weight``, gathered into the reusable workspace when they fit.
+
+        ours (issue 14, item 7): a fresh ``[K, D]`` tensor every step costs, on CPU, a page fault per 4 KiB
+        page first touched (blocks this large go back to the OS when freed), about twice the gather itself.
+        The momentum rows (:meth:`_before_step`) are still gathered into a fresh tensor: a second workspace
+        would be resident during the backward pass too, where it would raise the step's peak memory by the
+        ``[B, K]`` buffers; allocated at the optimizer step, it takes their place.
+        """
+        workspace = self.active_rows_workspace
         with torch.no_grad():
-            self.active_weight.data = self.weight.index_select(0, index)
+            if index.numel() > workspace.shape[0] or workspace.dtype != self.weight.dtype:
+                self.active_weight.data = self.weight.index_select(0, index)  # more positives than samples
+            else:
+                self.active_weight.data = torch.index_select(self.weight, 0, index, out=workspace[:index.numel()])
 
     def step_end(self) -> None:
         """Write the updated sampled centers back (after ``optimizer.step()``; idempotent)."""

@@ -56,10 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import BatchSpec, LossOutput, Method, register_method
-from methods.distributed import DistContext
+from methods.base import BatchSpec, LossOutput, Method, MethodContext, register_method
 from methods.margins import arc_margin, cos_margin, replace_target, full_precision
-from methods.queues import ClassMemory, gather_for_enqueue
+from methods.params import require
+from methods.queues import ClassMemory, StagedWrite, gather_for_enqueue
 from methods.registry import ConfigError
 
 #: Cap of the derived memory size (SST's prototype queue for MS1M-scale data; see the module docstring).
@@ -71,33 +71,25 @@ LOSSES = ("cosface", "arcface")
 class PrototypeMemory(Method):
     """Prototype Memory: in-batch prototypes, leave-one-out positives, refreshed FIFO-aged memory."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, embedding_size: int, *, views_per_class: int,
-                 memory_size: int, loss: str, s: float, m: float, batch_prototype_grad: bool,
-                 dist: DistContext | None = None) -> None:
+    def __init__(self, backbone: nn.Module, ctx: MethodContext, *, views_per_class: int = 2, memory_size: int = 0,
+                 loss: str = "cosface", s: float = 64.0, m: float = 0.4, batch_prototype_grad: bool = True) -> None:
         super().__init__(backbone, BatchSpec(views_per_class=views_per_class))
-        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.num_classes, self.embedding_size = ctx.num_classes, ctx.embedding_size
         self.loss, self.s, self.m, self.batch_prototype_grad = loss, float(s), float(m), batch_prototype_grad
-        self.dist = dist or DistContext()
-        self.memory = ClassMemory(embedding_size, memory_size or min(num_classes, DEFAULT_MEMORY_CAP))
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dist = ctx.dist
+        self.memory = ClassMemory(ctx.embedding_size, memory_size or min(ctx.num_classes, DEFAULT_MEMORY_CAP))
+        self.staged = StagedWrite()
 
     @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"views_per_class": 2, "memory_size": 0, "loss": "cosface", "s": 64.0, "m": 0.4,
-                "batch_prototype_grad": True}
-
-    @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
-                    cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> PrototypeMemory:
-        p = cls.resolve_params(cfg)
-        _check(p["views_per_class"] >= 2, f"views_per_class must be >= 2 (leave-one-out positives), "
-                                          f"got {p['views_per_class']}")
-        _check(p["memory_size"] >= 0, f"memory_size must be >= 0 (0 = derived), got {p['memory_size']}")
-        _check(p["loss"] in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {p['loss']!r}")
-        _check(p["s"] > 0, f"s must be > 0, got {p['s']}")
-        _check(0.0 <= p["m"] < (math.pi if p["loss"] == "arcface" else 2.0),
-               f"m must be in [0, pi) radians for arcface, [0, 2) for cosface; got {p['m']}")
-        return cls(backbone, num_classes, embedding_size, dist=dist, **p)
+    def check(cls, ctx: MethodContext, p: Mapping[str, Any]) -> None:
+        owner = cls.owner()
+        require(p["views_per_class"] >= 2,
+                f"views_per_class must be >= 2 (leave-one-out positives), got {p['views_per_class']}", owner)
+        require(p["memory_size"] >= 0, f"memory_size must be >= 0 (0 = derived), got {p['memory_size']}", owner)
+        require(p["loss"] in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {p['loss']!r}", owner)
+        require(p["s"] > 0, f"s must be > 0, got {p['s']}", owner)
+        require(0.0 <= p["m"] < (math.pi if p["loss"] == "arcface" else 2.0),
+                f"m must be in [0, pi) radians for arcface, [0, 2) for cosface; got {p['m']}", owner)
 
     def target_logit(self, cos_theta: torch.Tensor) -> torch.Tensor:
         if self.loss == "arcface":
@@ -138,19 +130,13 @@ class PrototypeMemory(Method):
             raise ConfigError(f"method '{self.name}': a batch of {classes.shape[0]} classes exceeds the memory "
                               f"size {self.memory.capacity}")
         loss = F.cross_entropy(logits, targets)
-        self._pending = gather_for_enqueue(self.dist, prototypes, classes)
+        self.staged.stage(*gather_for_enqueue(self.dist, prototypes, classes))
         return LossOutput(loss, {"memory_classes": self.memory.occupied().sum().float()})
 
     def on_step_end(self) -> None:
-        if self._pending is not None:
-            self.memory.write(*self._pending)
-            self._pending = None
+        self.staged.commit(self.memory.write)
 
     def hard_class_neighbours(self, labels: torch.Tensor, count: int) -> torch.Tensor:
         """For each class in ``labels``, the ``count`` classes with the nearest memory prototypes."""
         return self.memory.nearest_classes(labels, count)
 
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"method 'prototype_memory': {message}")

@@ -10,10 +10,13 @@
 Everything either structure keeps between steps is a registered buffer (rows, labels, write pointer,
 ``full`` flag, write stamps), so ``state_dict`` round-trips exactly; OpenSphere keeps its pointer that
 way, whereas FaceX-Zoo's SST keeps labels in a Python list and pytorch-metric-learning its pointer in a
-plain attribute, and neither resumes. Capacities are often only known at the first step (they depend on
-the batch size, which ``Method.from_config`` does not receive): a structure built with capacity 0 is
-allocated by :meth:`FeatureQueue.allocate`, and ``load_state_dict`` resizes it to the saved capacity, so
-a fresh instance can load a checkpoint before its first step.
+plain attribute, and neither resumes. Capacities follow from the run's shape
+(:class:`methods.base.MethodContext`: the global batch size, the class count), which every method receives
+at construction, so each structure is allocated once in its owner's ``__init__`` and a fresh instance
+loads a checkpoint of the same run as is (nothing is resized on load).
+
+Writes happen after the optimizer step: a method computes the rows in ``forward`` and stages them in a
+:class:`StagedWrite`, which commits them in ``on_step_end`` (DCQ, SST/MASST, Prototype Memory).
 
 Distributed runs enqueue the rows of every rank: the queues' ``enqueue`` methods take already-gathered
 tensors, and the methods pass their batch through :func:`gather_for_enqueue` (an all-gather in rank
@@ -26,7 +29,7 @@ sample's own identity never act as its negatives).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -89,18 +92,30 @@ def mask_same_label(cosines: torch.Tensor, labels: torch.Tensor, row_labels: tor
     return cosines.masked_fill(same, float("-inf"))
 
 
-class _ResizableBuffers(nn.Module):
-    """Loading a state dict resizes the buffers to the saved shapes (capacities decided at run time)."""
+class StagedWrite:
+    """Rows computed in ``forward`` and written to a queue or memory after the optimizer step.
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name, buffer in list(self._buffers.items()):
-            saved = state_dict.get(prefix + name)
-            if buffer is not None and saved is not None and saved.shape != buffer.shape:
-                self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    ours: the queue methods must not change their queue between the loss and the optimizer step (the
+    authors enqueue after the update: bilylee/DCQ ``train.py``, FaceX-Zoo SST ``train.py``), so ``forward``
+    calls :meth:`stage` and ``on_step_end`` calls :meth:`commit`. A forward without a step (evaluation of
+    the loss) is overwritten by the next one, and nothing is written twice.
+    """
+
+    def __init__(self) -> None:
+        self._rows: tuple[torch.Tensor, ...] | None = None
+
+    def stage(self, *rows: torch.Tensor) -> None:
+        """Keep ``rows`` (replacing any staged before) for the next :meth:`commit`."""
+        self._rows = rows
+
+    def commit(self, write: Callable[..., None]) -> None:
+        """``write(*rows)`` with the staged rows, once; nothing when none are staged."""
+        if self._rows is not None:
+            rows, self._rows = self._rows, None
+            write(*rows)
 
 
-class FeatureQueue(_ResizableBuffers):
+class FeatureQueue(nn.Module):
     """A FIFO ring buffer of ``capacity`` rows ``(feature [dim], label)``.
 
     Buffers: ``features [capacity, dim]`` (float32), ``labels [capacity]`` (int64, :data:`NO_LABEL` for
@@ -115,7 +130,7 @@ class FeatureQueue(_ResizableBuffers):
     itself does not.
     """
 
-    def __init__(self, dim: int, capacity: int = 0) -> None:
+    def __init__(self, dim: int, capacity: int = 0, initial: torch.Tensor | None = None) -> None:
         super().__init__()
         if dim < 1 or capacity < 0:
             raise ValueError(f"FeatureQueue: need dim >= 1 and capacity >= 0, got {dim} and {capacity}")
@@ -124,6 +139,8 @@ class FeatureQueue(_ResizableBuffers):
         self.register_buffer("labels", torch.full((capacity,), NO_LABEL, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("full", torch.zeros((), dtype=torch.bool))
+        if capacity:
+            self.allocate(capacity, initial)
 
     @property
     def capacity(self) -> int:
@@ -200,7 +217,7 @@ class FeatureQueue(_ResizableBuffers):
         return f"dim={self.dim}, capacity={self.capacity}"
 
 
-class ClassMemory(_ResizableBuffers):
+class ClassMemory(nn.Module):
     """At most one prototype per class in ``capacity`` slots, refreshed in place, oldest evicted first.
 
     Buffers: ``prototypes [capacity, dim]``, ``labels [capacity]`` (:data:`NO_LABEL` = empty slot),

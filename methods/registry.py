@@ -5,7 +5,12 @@ touches one file. Unlike timm, a duplicate name is an error, and an unknown name
 list of valid ones, so a typo on the command line fails with one readable line.
 
 This module lives in ``methods`` (which imports only torch and itself) so that both ``methods`` and
-the ``bench`` harness can use it without breaking the one-way dependency rule.
+the ``bench`` harness can use it without breaking the one-way dependency rule. It imports nothing heavy;
+:class:`ConfigError` and :class:`UnknownNameError` (in :mod:`methods.errors`) are re-exported here.
+
+A registry may be given ``populate``, a function that imports the modules whose decorators fill it. It runs
+once, at the first lookup (ours: the method registry fills itself when first asked, so nobody has to import
+every method module, and torch, up front; issue 14, item 5).
 """
 
 from __future__ import annotations
@@ -13,31 +18,33 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar, overload
 
+from methods.errors import ConfigError, UnknownNameError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad name or value supplied by a user (command line, YAML preset, method parameters).
-
-    The message is one line and names the problem; the CLI prints it and exits with code 2.
-    """
-
-
-class UnknownNameError(ConfigError):
-    """A name that is not in a registry."""
-
-    def __init__(self, kind: str, name: str, valid: list[str]) -> None:
-        self.kind, self.name, self.valid = kind, name, valid
-        super().__init__(f"unknown {kind} '{name}'; valid: {', '.join(valid) or '(none registered)'}")
 
 
 class Registry(Generic[T]):
     """A mapping from names (and aliases) to registered objects of one kind."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, populate: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
+        self._populate = populate
+
+    def _ensure_populated(self) -> None:
+        """Run ``populate`` once, before the first lookup. It is cleared before it runs, so lookups made
+        while the modules import do not recurse; restored if it fails, so the next lookup retries."""
+        populate, self._populate = self._populate, None
+        if populate is None:
+            return
+        done = False
+        try:
+            populate()
+            done = True
+        finally:
+            if not done:
+                self._populate = populate
 
     @overload
     def register(self, name: str, obj: T, *, aliases: tuple[str, ...] = ()) -> T: ...
@@ -61,6 +68,7 @@ class Registry(Generic[T]):
 
     def canonical(self, name: str) -> str:
         """The registered name for ``name`` or one of its aliases."""
+        self._ensure_populated()
         if name in self._entries:
             return name
         if name in self._aliases:
@@ -71,16 +79,23 @@ class Registry(Generic[T]):
         return self._entries[self.canonical(name)]
 
     def names(self) -> list[str]:
+        self._ensure_populated()
         return sorted(self._entries)
 
     def aliases_of(self, name: str) -> list[str]:
+        self._ensure_populated()
         return sorted(alias for alias, target in self._aliases.items() if target == name)
 
     def __contains__(self, name: object) -> bool:
+        self._ensure_populated()
         return name in self._entries or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._ensure_populated()
         return len(self._entries)
+
+
+__all__ = ["ConfigError", "Registry", "UnknownNameError"]

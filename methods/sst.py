@@ -34,7 +34,7 @@ Defaults and their sources:
   ``train.sh``. The original repo defaults to plain softmax with ``s = 30``; ``"arc_softmax"`` is
   ``cos(theta + m)`` without the theta + m > pi fallback, as both codebases write it.
 - ``alpha = 0.999``: both codebases (``--alpha``).
-- ``queue_size = 0``: derived as ``min(16384, num_classes // 2)``, rounded at the first step down to a
+- ``queue_size = 0``: derived as ``min(16384, num_classes // 2)``, rounded at construction down to a
   multiple of the global number of identities per batch. The paper uses 16,384 for shallow and deep
   MS1M-v1c (72,778 identities) and 2,560 for QMUL-SurvFace (quoted in FaceX-Zoo issue #110); the rule
   reproduces both (QMUL-SurvFace has 5,319 training identities: 2,659 rounded down to a multiple of a
@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import BatchSpec, LossOutput, Method, register_method
-from methods.distributed import DistContext
+from methods.base import BatchSpec, LossOutput, Method, MethodContext, register_method
 from methods.margins import arc_margin, cos_margin, replace_target, target_cosines, full_precision
 from methods.momentum import MomentumEncoder
-from methods.queues import FeatureQueue, checked_queue_size, gather_for_enqueue, random_unit_rows, split_views
-from methods.registry import ConfigError
+from methods.params import require
+from methods.queues import (FeatureQueue, StagedWrite, checked_queue_size, gather_for_enqueue, random_unit_rows,
+                            split_views)
 
 #: The paper's prototype queue size for MS1M-v1c, the cap of the derived size.
 PAPER_QUEUE_SIZE = 16384
@@ -93,47 +93,57 @@ class SST(Method):
 
     encoder_names = ("probe",)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, embedding_size: int, *, s: float, m: float,
-                 loss_type: str, alpha: float, queue_size: int, num_agents: int = 1, shuffle_bn: bool = False,
-                 dist: DistContext | None = None) -> None:
-        gap = default_reuse_gap(num_classes, queue_size)
+    def __init__(self, backbone: nn.Module, ctx: MethodContext, *, s: float = 32.0, m: float = 0.35,
+                 loss_type: str = "am_softmax", alpha: float = 0.999, queue_size: int = 0,
+                 shuffle_bn: bool = False) -> None:
+        gap = default_reuse_gap(ctx.num_classes, queue_size)
         super().__init__(backbone, BatchSpec(views_per_class=2, identity_reuse_gap=gap))
-        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.num_classes, self.embedding_size = ctx.num_classes, ctx.embedding_size
         self.s, self.m, self.loss_type, self.alpha = float(s), float(m), loss_type, float(alpha)
-        self.queue_size, self.reuse_gap = queue_size, gap
-        self.dist = dist or DistContext()
-        self.galleries = nn.ModuleList(
-            MomentumEncoder(backbone, alpha, buffers="own", train_mode="batchnorm", shuffle_bn=shuffle_bn, dist=self.dist)
-            for _ in range(num_agents))
-        self.queue = FeatureQueue(embedding_size)
+        self.queue_size, self.reuse_gap, self.shuffle_bn = queue_size, gap, shuffle_bn
+        self.dist = ctx.dist
+        self.galleries = nn.ModuleList([self.new_gallery()])
         self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        capacity = self.queue_capacity(ctx, {"queue_size": queue_size})
+        generator = step_generator(int(self.rng_seed), _STREAM_QUEUE_INIT, 0)
+        self.queue = FeatureQueue(ctx.embedding_size, capacity,
+                                  random_unit_rows(capacity, ctx.embedding_size, generator, "uniform"))
+        self.staged = StagedWrite()
+
+    def new_gallery(self) -> MomentumEncoder:
+        """A momentum copy of the probe, BatchNorm in train mode (FaceX-Zoo SST ``train.py``)."""
+        return MomentumEncoder(self.backbone, self.alpha, buffers="own", train_mode="batchnorm",
+                               shuffle_bn=self.shuffle_bn, dist=self.dist)
 
     @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {"s": 32.0, "m": 0.35, "loss_type": "am_softmax", "alpha": 0.999, "queue_size": 0, "shuffle_bn": False}
-
-    @classmethod
-    def check(cls, num_classes: int, p: Mapping[str, Any]) -> None:
+    def check(cls, ctx: MethodContext, p: Mapping[str, Any]) -> None:
         """Validate resolved parameters (ConfigError naming the method and the key)."""
-        fail = _checker(cls.name)
-        fail(p["s"] > 0, f"s must be > 0, got {p['s']}")
-        fail(p["loss_type"] in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {p['loss_type']!r}")
-        fail(0.0 <= p["m"] < 2.0, f"m must be in [0, 2), got {p['m']}")
-        fail(0.0 <= p["alpha"] <= 1.0, f"alpha must be in [0, 1], got {p['alpha']}")
-        fail(p["queue_size"] >= 0, f"queue_size must be >= 0 (0 = derived), got {p['queue_size']}")
-        fail(p["queue_size"] < num_classes,
-             f"queue_size ({p['queue_size']}) must be smaller than the number of identities ({num_classes})")
-        fail(default_reuse_gap(num_classes, p["queue_size"]) >= 1,
-             f"needs at least 2 identities for a prototype queue, got {num_classes}")
+        owner, num_classes = cls.owner(), ctx.num_classes
+        require(p["s"] > 0, f"s must be > 0, got {p['s']}", owner)
+        require(p["loss_type"] in LOSS_TYPES,
+                f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {p['loss_type']!r}", owner)
+        require(0.0 <= p["m"] < 2.0, f"m must be in [0, 2), got {p['m']}", owner)
+        require(0.0 <= p["alpha"] <= 1.0, f"alpha must be in [0, 1], got {p['alpha']}", owner)
+        require(p["queue_size"] >= 0, f"queue_size must be >= 0 (0 = derived), got {p['queue_size']}", owner)
+        require(p["queue_size"] < num_classes,
+                f"queue_size ({p['queue_size']}) must be smaller than the number of identities ({num_classes})", owner)
+        require(default_reuse_gap(num_classes, p["queue_size"]) >= 1,
+                f"needs at least 2 identities for a prototype queue, got {num_classes}", owner)
+        cls.queue_capacity(ctx, p)
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, num_classes: int, embedding_size: int,
-                    cfg: Mapping[str, Any] | None = None, dist: DistContext | None = None) -> SST:
-        p = cls.resolve_params(cfg)
-        cls.check(num_classes, p)
-        return cls(backbone, num_classes, embedding_size, dist=dist, **p)
+    def queue_capacity(cls, ctx: MethodContext, p: Mapping[str, Any]) -> int:
+        """The prototype queue size for a run of shape ``ctx`` (module docstring): a set ``queue_size`` (a
+        multiple of the identities per global batch), else the reuse gap rounded down to such a multiple."""
+        step = max(1, ctx.global_batch_size // 2)
+        if p["queue_size"]:
+            return checked_queue_size(cls.name, p["queue_size"], step, "the identities per batch")
+        gap = default_reuse_gap(ctx.num_classes, p["queue_size"])
+        require(gap >= step, f"the prototype queue (at most {gap} rows for {ctx.num_classes} identities) cannot "
+                             f"hold one batch of {step} identities; use a smaller batch or more identities",
+                cls.owner())
+        return gap // step * step
 
     # -- hooks MASST overrides -------------------------------------------------------------------
     def active_agent(self) -> int:
@@ -147,23 +157,6 @@ class SST(Method):
     # -- queue -------------------------------------------------------------------------------------
     def identities_per_step(self, batch_size: int) -> int:
         return batch_size // 2 * self.dist.world_size
-
-    def derived_queue_size(self, batch_size: int) -> int:
-        """The prototype queue size for a local batch of ``batch_size`` images (module docstring)."""
-        step = self.identities_per_step(batch_size)
-        if self.queue_size:
-            return checked_queue_size(self.name, self.queue_size, step, "the identities per batch")
-        size = self.reuse_gap // step * step
-        if size < step:
-            raise ConfigError(f"method '{self.name}': the prototype queue (at most {self.reuse_gap} rows for "
-                              f"{self.num_classes} identities) cannot hold one batch of {step} identities; "
-                              f"use a smaller batch or more identities")
-        return size
-
-    def _allocate_queue(self, batch_size: int) -> None:
-        capacity = self.derived_queue_size(batch_size)
-        generator = step_generator(int(self.rng_seed), _STREAM_QUEUE_INIT, 0)
-        self.queue.allocate(capacity, random_unit_rows(capacity, self.embedding_size, generator, "uniform"))
 
     # -- loss --------------------------------------------------------------------------------------
     def target_logit(self, cos_theta: torch.Tensor) -> torch.Tensor:
@@ -184,8 +177,6 @@ class SST(Method):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:
         pairs, identity = split_views(images, labels, 2)
         x1, x2 = pairs[:, 0], pairs[:, 1]
-        if not self.queue.allocated:
-            self._allocate_queue(images.shape[0])
         gallery = self.galleries[self.active_agent()]
         # The authors' order of passes (BatchNorm statistics depend on it): p1, g2, p2, g1.
         p1 = self.backbone(x1)
@@ -200,7 +191,7 @@ class SST(Method):
         targets = self.queue.positions(identity_all.shape[0])[self.dist.rank * local:(self.dist.rank + 1) * local]
         loss = 0.5 * (self.direction_loss(p1, g2_all, targets) + self.direction_loss(p2, g1_all, targets))
         coin = torch.rand((), generator=step_generator(int(self.rng_seed), _STREAM_ENQUEUE_COIN, int(self.steps)))
-        self._pending = (g1_all if float(coin) > 0.5 else g2_all, identity_all)
+        self.staged.stage(g1_all if float(coin) > 0.5 else g2_all, identity_all)
         return LossOutput(loss, {"false_negatives": self.false_negatives(identity)})
 
     def false_negatives(self, identity: torch.Tensor) -> torch.Tensor:
@@ -213,18 +204,10 @@ class SST(Method):
     def on_step_end(self) -> None:
         for agent in self.agents_to_update(self.active_agent()):
             self.galleries[agent].update(self.backbone)
-        if self._pending is not None:
-            self.queue.enqueue(*self._pending)
-            self._pending = None
+        self.staged.commit(self.queue.enqueue)
         self.steps += 1
 
     def encoder(self, which: str | None = None) -> nn.Module:
         super().encoder(which)  # validates the name
         return self.backbone
 
-
-def _checker(name: str):
-    def fail(condition: bool, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"method '{name}': {message}")
-    return fail

@@ -20,6 +20,16 @@ def _two_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def _restore_deterministic_switch():
+    """A test that trains with ``train.deterministic=true`` in this process must not leave torch's global
+    deterministic-algorithms switch on for the tests after it (other kernels, other rounding: the
+    calibration test's numbers moved by points when it leaked)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
 @pytest.fixture
 def tiny_eval(monkeypatch):
     """The synthetic protocols at toy sizes (the real protocols and formats, far fewer images):

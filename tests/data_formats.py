@@ -125,7 +125,7 @@ def write_im2rec(directory: Path, images: list[bytes], labels: list[int], order:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# insightface .bin verification packs (eval_formats.md §2.1), coded apart from bench.eval.verification:
+# insightface .bin verification packs (eval_formats.md §2.1), coded apart from bench.eval.formats.bin:
 # the same objects spelled with other opcodes (MARK ... LIST / TUPLE, no memo), which any unpickler accepts.
 
 

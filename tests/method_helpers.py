@@ -10,16 +10,24 @@ from collections.abc import Callable, Iterable
 import torch
 
 from bench.backbones import build_backbone
-from methods.base import Method, build_method
+from methods.base import Method, MethodContext, build_method
 
-NUM_CLASSES, EMBEDDING, IMAGE = 12, 16, 16
+#: BATCH: the images per step the methods are built for (4 identities x 2 views, as :func:`view_batch`).
+NUM_CLASSES, EMBEDDING, IMAGE, BATCH = 12, 16, 16, 8
 
 
-def build_tiny(name: str, cfg: dict | None = None, seed: int = 0, num_classes: int = NUM_CLASSES) -> Method:
-    """Method ``name`` over a ``small`` backbone of EMBEDDING dims for IMAGE x IMAGE inputs, seeded."""
+def tiny_context(num_classes: int = NUM_CLASSES, batch_size: int = BATCH, steps: int = 10) -> MethodContext:
+    """The run shape the method tests build for (one process)."""
+    return MethodContext(num_classes, EMBEDDING, batch_size, steps)
+
+
+def build_tiny(name: str, cfg: dict | None = None, seed: int = 0, num_classes: int = NUM_CLASSES,
+               batch_size: int = BATCH) -> Method:
+    """Method ``name`` over a ``small`` backbone of EMBEDDING dims for IMAGE x IMAGE inputs, seeded, for
+    batches of ``batch_size`` images."""
     torch.manual_seed(seed)
     backbone = build_backbone("small", embedding_size=EMBEDDING, input_size=IMAGE)
-    return build_method(name, backbone, num_classes, EMBEDDING, cfg)
+    return build_method(name, backbone, tiny_context(num_classes, batch_size), cfg)
 
 
 def view_batch(identities: list[int], views: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from bench.cli import app
 from bench.config import load_config
 from bench.records import iter_records
 from bench.runner import check_methods
-from methods.base import METHODS, build_method
+from methods.base import METHODS, MethodContext, build_method
 from methods.distributed import DistContext
 from methods.registry import ConfigError
 
@@ -55,7 +55,7 @@ def test_run_writes_complete_records_and_prints_the_table(tmp_path, tiny_args):
     assert [r["config"]["method"] for r in records] == ["arcface", "cosface"]
     for record in records:
         assert set(record) >= {"config", "env", "data", "train", "perf", "metrics"}
-        assert record["config"]["method_params"]["s"] == 64.0
+        assert record["config"]["method_params"][record["config"]["method"]]["s"] == 64.0
         assert record["data"]["split"]["recipe"]["name"] == "shallow"
         assert record["data"]["split"]["images_per_identity"]["histogram"] == {"2": 24}
         reference = _evaluate_checkpoint(tmp_path / "results" / record["config"]["run_id"], tmp_path / "data",
@@ -89,7 +89,7 @@ def test_method_params_reach_the_record(tmp_path, tiny_args):
     result = _invoke(["run", "--methods", "arcface", "--set", "method_params.arcface.m=0.3", *tiny_args])
     assert result.exit_code == 0
     (record,) = iter_records(tmp_path / "results")
-    assert record["config"]["method_params"]["m"] == 0.3
+    assert record["config"]["method_params"]["arcface"]["m"] == 0.3
 
 
 def test_list_shows_every_registry():
@@ -162,8 +162,8 @@ FLAG_EFFECTS = [
     (["--data-root", "cache/here"], "data.root", "cache/here"),
     (["--ckpt-every", "50"], "train.ckpt_every", 50),
     (["--set", "train.lr=0.05"], "train.lr", 0.05),
-    # method parameters stay as given until the method reads them (resolve_params; the record holds floats)
-    (["--set", "method_params.arcface.m=0.45"], "method_params", {"arcface": {"m": "0.45"}}),
+    # method parameters are read as their defaults' types when the configuration is loaded
+    (["--set", "method_params.arcface.m=0.45"], "method_params", {"arcface": {"m": 0.45}}),
 ]
 
 
@@ -244,7 +244,7 @@ def test_method_check_agrees_with_the_real_build(name):
     """check_methods builds each method on a stand-in before any data exists; it must accept exactly the
     batch sizes the method built on real sizes accepts (views per class from the real build, one rank and
     two). Catches a stand-in whose batch spec differs from the real one, in either direction."""
-    views = build_method(name, torch.nn.Identity(), 24, 32).batch_spec.views_per_class
+    views = build_method(name, torch.nn.Identity(), MethodContext(24, 32, 8)).batch_spec.views_per_class
     for world_size in (1, 2):
         dist = DistContext(world_size=world_size)
         good = load_config(overrides={"methods": name, "train.batch_size": str(4 * views * world_size)})

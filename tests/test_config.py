@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from bench.config import RunConfig, load_config
+from bench.config import RECORD_KEYS, RunConfig, load_config
+from methods.params import coerce
 from methods.registry import ConfigError
 
 
@@ -62,3 +64,141 @@ def test_bad_overrides(overrides, message):
 def test_missing_preset_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 14, items 1 and 3: one coercion, canonical method names, the run record as a preset
+# ----------------------------------------------------------------------------------------------------
+
+#: (text as typed, type, value expected), written by hand.
+COERCIONS = [("off", bool, False), ("On", bool, True), ("yes", bool, True), ("0", bool, False),
+             ("1e3", int, 1000), ("1_000", int, 1000), ("7", int, 7), ("0.25", float, 0.25), ("2", float, 2.0),
+             ("1e-3", float, 0.001)]
+#: A configuration key and a method parameter of each type.
+TYPED_KEYS = {bool: ("train.amp", "method_params.dcq.shuffle_bn"),
+              int: ("train.seed", "method_params.dcq.queue_size"),
+              float: ("train.lr", "method_params.dcq.s")}
+
+
+def _value_at(cfg: RunConfig, dotted: str):
+    if dotted.startswith("method_params."):
+        _, method, key = dotted.split(".")
+        return cfg.method_params[method][key]
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+@pytest.mark.parametrize("text, kind, expected", COERCIONS)
+def test_config_keys_and_method_params_read_values_alike(text, kind, expected):
+    """One coercion for the project: the same text reads as the same value for a configuration key and a
+    method parameter of that type (before issue 14, ``method_params.dcq.shuffle_bn=off`` was refused while
+    ``train.amp=off`` worked). Catches a second coercion path or a missing spelling in either."""
+    assert coerce(text, kind, "x") == expected and type(coerce(text, kind, "x")) is kind
+    for key in TYPED_KEYS[kind]:
+        value = _value_at(load_config(overrides={key: text}), key)
+        assert value == expected and type(value) is kind, key
+
+
+@pytest.mark.parametrize("key", ["train.amp", "method_params.dcq.shuffle_bn"])
+def test_a_bad_bool_is_one_line_for_both(key):
+    """A value no type reading accepts is one ConfigError line naming the key, for both kinds of key."""
+    with pytest.raises(ConfigError, match=r"must be bool, got 'maybe'") as info:
+        load_config(overrides={key: "maybe"})
+    assert "\n" not in str(info.value) and key.split(".")[-1] in str(info.value)
+
+
+@pytest.mark.parametrize("spelling", ["pm", "prototype_memory"])
+@pytest.mark.parametrize("method", ["pm", "prototype_memory"])
+def test_method_names_are_canonical_after_loading(spelling, method):
+    """Issue 14: ``--methods pm --set method_params.prototype_memory.memory_size=512`` used to be ignored
+    (the runner looked the parameters up under the alias). After loading, ``methods`` and the parameter keys
+    hold the canonical name, so the method the runner builds (``method_params.get(methods[0])``) has a memory
+    of 512 rows whichever spelling was used for either."""
+    from methods.base import build_method
+    from bench.runner import method_context
+    from methods.distributed import DistContext
+
+    cfg = load_config(overrides={"methods": method, f"method_params.{spelling}.memory_size": "512"})
+    assert cfg.methods == ["prototype_memory"] and cfg.method_params == {"prototype_memory": {"memory_size": 512}}
+    built = build_method(cfg.methods[0], torch.nn.Identity(), method_context(cfg, 1000, DistContext()),
+                         cfg.method_params.get(cfg.methods[0]))
+    assert built.memory.capacity == 512
+
+
+def test_method_name_and_params_key_errors(tmp_path):
+    """The same method twice (by name and alias) and a parameters key naming no method are one line each;
+    parameters of a registered method that is not run are accepted (a preset for every method stays
+    reusable with --methods). Catches an alias slipping past the duplicate check and a typo'd method name
+    whose parameters would be silently ignored."""
+    with pytest.raises(ConfigError, match=r"methods: duplicate names"):
+        load_config(overrides={"methods": "pm,prototype_memory"})
+    with pytest.raises(ConfigError, match=r"command line: 'method_params\.arcfce' names no method; valid: arcface"):
+        load_config(overrides={"method_params.arcfce.m": "0.3"})
+    preset = tmp_path / "p.yaml"
+    preset.write_text("methods: [arcface]\nmethod_params:\n  pm: {s: 30}\n  prototype_memory: {s: 31}\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml: 'method_params': prototype_memory\.s is set twice"):
+        load_config(preset)
+    cfg = load_config(overrides={"methods": "arcface", "method_params.dcq.s": "40"})
+    assert cfg.method_params == {"dcq": {"s": 40.0}}
+
+
+def test_resolved_config_fills_every_default_and_keeps_the_fingerprint():
+    """``resolved()`` writes every parameter of every method out (what a run record saves); the fingerprint
+    is over the resolved configuration, so loading it back gives the same one. Catches a fingerprint that
+    changes when a default is written out explicitly (a record that would not reproduce its hash)."""
+    from methods.base import METHODS
+
+    cfg = load_config(overrides={"methods": "arcface,pm", "method_params.arcface.m": "0.3"})
+    resolved = cfg.resolved()
+    assert resolved.method_params["arcface"] == {**METHODS.get("arcface").defaults(), "m": 0.3}
+    assert resolved.method_params["prototype_memory"] == METHODS.get("prototype_memory").defaults()
+    assert resolved.fingerprint() == cfg.fingerprint()
+
+
+def test_run_record_keys_are_ignored_when_loading_a_preset(tmp_path):
+    """A run record's own keys (run id, group, fingerprint, ...) are accepted and ignored by preset loading,
+    so config.yaml is a preset; any other unknown key still fails. Catches a record key that would make
+    ``bench run --config results/<run>/config.yaml`` fail."""
+    preset = tmp_path / "config.yaml"
+    preset.write_text("".join(f"{key}: x\n" for key in RECORD_KEYS) + "methods: [cosface]\n")
+    assert load_config(preset).methods == ["cosface"]
+    preset.write_text("run_idd: x\n")
+    with pytest.raises(ConfigError, match="unknown key 'run_idd'"):
+        load_config(preset)
+
+
+@pytest.mark.slow
+def test_run_record_config_reproduces_the_run(tiny_args, tmp_path):
+    """Issue 14, item 3, end to end through the CLI: a tiny ``bench run --methods pm`` with the parameter set
+    under the canonical name, then ``bench run --config <its config.yaml>``. The second record's resolved
+    configuration and fingerprint equal the first's (only run id and group differ), and the trained memory
+    (checkpointed state) has the size that was set: catches a record that is not loadable, one that loses or
+    re-nests a value, a fingerprint over something else than what was written, and parameters ignored
+    because of the alias."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from bench.checkpoint import load_weights_only, read_manifest
+    from bench.cli import app
+    from bench.records import iter_records
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", "--methods", "pm", "--set", "method_params.prototype_memory.memory_size=20",
+                                "--eval", "synth-lfw", *tiny_args])
+    assert first.exit_code == 0, first.output
+    (record,) = iter_records(tmp_path / "results")
+    run_dir = tmp_path / "results" / record["config"]["run_id"]
+    (checkpoint,) = read_manifest(run_dir / "checkpoints")["files"]
+    assert load_weights_only(run_dir / "checkpoints" / checkpoint)["method"]["memory.prototypes"].shape[0] == 20
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["methods"] == ["prototype_memory"] and written["method"] == "prototype_memory"
+    assert written["method_params"]["prototype_memory"]["memory_size"] == 20
+
+    second = runner.invoke(app, ["run", "--config", str(run_dir / "config.yaml")])
+    assert second.exit_code == 0, second.output
+    records = {r["config"]["run_id"]: r["config"] for r in iter_records(tmp_path / "results")}
+    (again,) = [config for run_id, config in records.items() if run_id != record["config"]["run_id"]]
+    identity = ("run_id", "group")
+    assert {k: v for k, v in again.items() if k not in identity} == {k: v for k, v in written.items()
+                                                                     if k not in identity}
+    assert load_config(run_dir / "config.yaml").fingerprint() == written["config_fingerprint"]

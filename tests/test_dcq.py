@@ -19,8 +19,8 @@ from tests.method_helpers import IMAGE, NUM_CLASSES, assert_state_dict_resumes_i
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _build(cfg=None, seed=0, num_classes=NUM_CLASSES):
-    return build_tiny("dcq", cfg, seed, num_classes)
+def _build(cfg=None, seed=0, num_classes=NUM_CLASSES, batch_size=8):
+    return build_tiny("dcq", cfg, seed, num_classes, batch_size)
 
 
 def _reference_loss(q_raw, k_raw, labels, rows, row_labels, s, m):
@@ -138,14 +138,18 @@ def test_queue_receives_the_batch_weights_fifo():
 
 
 def test_queue_size_rule():
-    assert _build(num_classes=85742).derived_queue_size(1024) == 8192  # MS1MV2, 512 weights per step
-    assert _build(num_classes=1000).derived_queue_size(128) == 64       # SynthFace: one step's weights
-    assert _build().derived_queue_size(8) == 4
-    assert _build({"queue_fraction": 0.5}, num_classes=1000).derived_queue_size(128) == 448
+    """The queue is allocated at construction with the documented size (hand-computed from the rule:
+    fraction x classes rounded down to the weights per global step, at least one step). Catches a wrong
+    rounding, a size taken from the local instead of the global batch, and lazy allocation (capacity 0)."""
+    capacity = lambda cfg=None, **shape: _build(cfg, **shape).queue.capacity  # noqa: E731
+    assert capacity(num_classes=85742, batch_size=1024) == 8192  # MS1MV2, 512 weights per step
+    assert capacity(num_classes=1000, batch_size=128) == 64       # SynthFace: one step's weights
+    assert capacity() == 4
+    assert capacity({"queue_fraction": 0.5}, num_classes=1000, batch_size=128) == 448
+    assert capacity({"shots": 3}, batch_size=16) == 4             # 16 images = 4 identities x (1 + 3)
     with pytest.raises(ConfigError, match="multiple of the weights enqueued per step"):
-        _build({"queue_size": 10}).derived_queue_size(8)
-    method = _build({"shots": 3})
-    assert method.batch_spec.views_per_class == 4 and method.weights_per_step(16) == 4
+        _build({"queue_size": 10})
+    assert _build({"shots": 3}).batch_spec.views_per_class == 4
 
 
 def test_k_shot_weight_is_the_mean_of_normalised_references():

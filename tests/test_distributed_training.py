@@ -16,7 +16,7 @@ from torch import nn
 
 from bench.config import TrainSettings
 from bench.train import Trainer
-from methods.base import build_method
+from methods.base import MethodContext, build_method
 from methods.distributed import DistContext, class_shard
 from tests.dist_helpers import run_ranks
 
@@ -42,7 +42,8 @@ def _batches(views: int):
 def _train(name: str, dist: DistContext):
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
-    method = build_method(name, _backbone(), CLASSES, EMBEDDING, METHODS[name], dist=dist)
+    ctx = MethodContext(CLASSES, EMBEDDING, GLOBAL_BATCH, STEPS, dist)
+    method = build_method(name, _backbone(), ctx, METHODS[name])
     settings = TrainSettings(batch_size=GLOBAL_BATCH, budget=GLOBAL_BATCH * STEPS, warmup_fraction=0.0,
                              embedding_size=EMBEDDING)
     trainer = Trainer(method, settings, torch.device("cpu"), total_steps=STEPS, dist=dist)

@@ -22,7 +22,7 @@ from torch import nn
 from bench.config import DataSettings, EvalSettings
 from bench.errors import DataError
 from bench.eval import PROTOCOLS, locate_benchmark
-from bench.eval.verification import dumps_bin, encode_bin_entries, load_bin, write_bin
+from bench.eval.formats.bin import dumps_bin, encode_bin_entries, load_bin, write_bin
 
 PAIRS = 20  # 10 folds of 2 pairs, as eval_formats.md's fixture recipe
 
@@ -189,9 +189,9 @@ def test_synth_lfw_goes_through_a_real_bin(tmp_path, tiny_eval):
     images, issame = load_bin(protocol.path)
     assert images.shape == (160, 32, 32, 3) and issame.shape == (80,)  # 10 folds x (4 + 4) pairs
     # the .bin holds exactly the rendered pixels (PNG entries)
-    from bench.data.datasets import EVAL_NAMESPACE, synthface_config
+    from bench.data.synth_trainset import EVAL_NAMESPACE, synthface_config
     from bench.data.synthface import SynthFace
-    from bench.eval.verification import lfw_style_pairs
+    from bench.eval.synth_benchmarks import lfw_style_pairs
 
     ids, samples, _ = lfw_style_pairs(40, seed=0, pairs_per_kind=4)
     rendered = SynthFace(synthface_config(data.synthface)).render(torch.as_tensor(ids[:4]),

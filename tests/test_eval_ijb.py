@@ -15,8 +15,9 @@ from bench.config import DataSettings, EvalSettings
 from bench.errors import DataError
 from bench.eval import PROTOCOLS
 from bench.eval.align import ARCFACE_TEMPLATE_112, align_faces, umeyama
-from bench.eval.ijb import read_ijb, score_pairs, template_features
-from bench.eval.images import encode_jpeg
+from bench.eval.formats.ijb_meta import read_ijb
+from bench.eval.formats.images import encode_jpeg
+from bench.eval.ijb import score_pairs, template_features
 
 # ----------------------------------------------------------------------------------------------------
 # pooling and scoring
@@ -267,7 +268,7 @@ def test_synth_ijbc_folder_is_real_format(tmp_path, tiny_eval):
     meta = protocol.meta
     assert meta.num_images > 8 * 3 and meta.galleries is not None and set(meta.galleries) == {"G1", "G2"}
     crop = protocol.meta.root / "loose_crop" / meta.names[0]
-    from bench.eval.images import read_image
+    from bench.eval.formats.images import read_image
 
     assert read_image(crop).shape == (3, 144, 144)  # loose crops bigger than the 112 alignment
     assert np.all((meta.detector_scores > 0) & (meta.detector_scores < 1))

@@ -19,17 +19,15 @@ from torch import nn
 from bench.config import DataSettings, EvalSettings
 from bench.errors import DataError
 from bench.eval import PROTOCOLS
-from bench.eval.images import encode_jpeg, encode_png
-from bench.eval.megaface import (
+from bench.eval.formats.images import encode_jpeg, encode_png
+from bench.eval.formats.megaface_files import (
     read_feature_file,
     read_json_list,
     read_noise_list,
-    rank_accuracy,
-    refined_probes,
-    tar_at_far_top_impostors,
     write_feature_file,
     write_json_list,
 )
+from bench.eval.megaface import rank_accuracy, refined_probes, tar_at_far_top_impostors
 from bench.eval.metrics import tar_at_far
 
 

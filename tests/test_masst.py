@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from bench.backbones import build_backbone
 from methods.base import build_method
 from methods.registry import ConfigError
-from tests.method_helpers import EMBEDDING, IMAGE, NUM_CLASSES, harness_sgd, train_steps
+from tests.method_helpers import EMBEDDING, IMAGE, NUM_CLASSES, harness_sgd, tiny_context, train_steps
 
 
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _build(name="masst", cfg=None, seed=0):
     torch.manual_seed(seed)
     backbone = build_backbone("small", embedding_size=EMBEDDING, input_size=IMAGE)
-    return build_method(name, backbone, NUM_CLASSES, EMBEDDING, cfg)
+    return build_method(name, backbone, tiny_context(), cfg)
 
 
 def _batches(count):

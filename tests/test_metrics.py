@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bench.eval.metrics import INSIGHTFACE_THRESHOLDS, kfold_accuracy, tar_at_far
-from bench.eval.verification import lfw_style_pairs, verification_metrics
+from bench.eval.synth_benchmarks import lfw_style_pairs
+from bench.eval.verification import verification_metrics
 
 
 def test_kfold_accuracy_separable_pairs():

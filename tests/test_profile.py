@@ -1,15 +1,19 @@
 """`bench profile` at toy sizes, run through the CLI: the record it writes, the memory budget, the class-count
-parser and its errors, and `bench report` drawing the profile table and figure from the record.
+parser and its errors, the ``(method, params)`` cases, and `bench report` drawing the profile table and figure
+from the record.
 
 Shows: the record is ``<stamp>-profile-cpu-<rand>/`` with ``config.yaml`` (``kind: profile`` and the
 settings) and ``metrics.json`` holding one ``head-profile`` row per case x class count, in order, each
 ``ok`` with a positive step time and step / floor; ``logit_columns`` equals the closed form of each case
 (full FC ``C``; Partial FC ``max(ceil(r C), B)``; DCQ ``max(G, floor(0.1 C) // G * G)``; Prototype Memory
 ``min(C, 16384)``; SST ``max(G, min(16384, C // 2) // G * G)``; ``G = B / 2``), and agrees with the sizes the
-methods themselves derive; the estimates equal their hand-computed formulas; a budget far between two
-cases' estimates runs the smaller and reports the larger ``over budget`` without running it; the profile
-figure draws each case's rows (and the over-budget estimates); ``10k,1.5M`` parses to 10,000 and 1,500,000 and bad input is one
-``error:`` line with exit 2. Toy sizes (B = 16, D = 32, one timed step); the file takes about 10-20 s.
+methods allocate when built and stepped as the profile does; the estimates equal their hand-computed
+formulas; a budget far between two cases' estimates runs the smaller and reports the larger ``over budget``
+without running it; the profile figure draws each case's rows (and the over-budget estimates); ``10k,1.5M``
+parses to 10,000 and 1,500,000 and bad input is one ``error:`` line with exit 2; profile.py holds no
+per-method step code. Toy sizes (B = 16, D = 32, one timed step); every case is one ``Trainer.step`` per
+step, and Prototype Memory first fills its memory (``C / G`` steps, 500 at 4k classes): the file took 48-62 s
+on the 2-core machine shared with four other test runs.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import yaml
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.profile import CASES, parse_counts
+from bench.profile import COSTS, Shape, case_shape, parse_case, parse_counts
 from tests.report_records import drawn_series, legend_labels
-from methods.registry import ConfigError
+from bench.errors import ConfigError
 
 runner = CliRunner()
 
@@ -115,19 +119,17 @@ def test_gemm_flop_is_three_products_for_the_center_heads(profiled: tuple[Path, 
 
 
 def test_queue_sizes_agree_with_the_methods_own_derivation() -> None:
-    from torch import nn
+    """Catches: the profile's row counts (its memory estimate and floor) drifting from the sizes the methods
+    themselves allocate when built and stepped as the profile does (DCQ's and SST's queues, Prototype
+    Memory's memory)."""
+    from bench.profile import CaseRun
 
-    from methods.dcq import DCQ
-    from methods.prototype_memory import PrototypeMemory
-    from methods.sst import SST
-
-    for classes in CLASSES:
-        dcq = DCQ.from_config(nn.Identity(), classes, DIM, {"queue_fraction": 0.1})
-        assert dcq.derived_queue_size(BATCH) == expected_columns("dcq", classes)
-        sst = SST.from_config(nn.Identity(), classes, DIM)
-        assert sst.derived_queue_size(BATCH) == expected_columns("sst", classes)
-        memory = PrototypeMemory.from_config(nn.Identity(), classes, DIM).memory
-        assert memory.capacity == expected_columns("pm", classes)
+    for label, attribute in (("dcq", "queue"), ("sst", "queue"), ("pm", "memory")):
+        for classes in CLASSES:
+            case = parse_case(label)
+            run = CaseRun(case, case_shape(case, classes, BATCH, DIM), 2, torch.device("cpu"))
+            run.step()  # a queue allocated on the first forward exists from here on, whatever the contract
+            assert getattr(run.method, attribute).capacity == expected_columns(label, classes), (label, classes)
 
 
 def test_command_prints_the_table(profiled: tuple[Path, Any]) -> None:
@@ -139,15 +141,50 @@ def test_command_prints_the_table(profiled: tuple[Path, Any]) -> None:
     assert "record " in result.stderr and "pfc-0.1" in result.stderr
 
 
+def _own_estimate(label: str, classes: int) -> int:
+    """The case's own estimate (without what the process holds), through the profile's cost table."""
+    case = parse_case(label)
+    shape = case_shape(case, classes, BATCH, DIM)
+    return COSTS[case.method].estimate_bytes(shape, {**_defaults(case.method), **case.params})
+
+
+def _defaults(method: str) -> dict[str, Any]:
+    from methods.base import METHODS
+
+    return METHODS.get(method).resolve_params({})
+
+
 def test_estimates_match_the_hand_computed_formulas() -> None:
     """Catches: an estimate that forgets a term (Partial FC's sampling scores and indices, 3 C int64;
     full FC's weight-decay temporary): the numbers the budget and the README's memory formulas rely on."""
-    classes, cpu = 1_000_000, torch.device("cpu")
-    full = CASES.get("arcface")(classes, BATCH, DIM, cpu).estimate_bytes()
-    partial = CASES.get("pfc-0.1")(classes, BATCH, DIM, cpu).estimate_bytes()
+    classes = 1_000_000
+    full, partial = _own_estimate("arcface", classes), _own_estimate("pfc-0.1", classes)
     # by hand: full FC 4 C D + 3 B C floats; PFC 2 C D + 4 K D + 3 B K floats + 3 C int64, K = 100,000
     assert full == 4 * (4 * classes * DIM + 3 * BATCH * classes) == 704_000_000
     assert partial == 4 * (2 * classes * DIM + 4 * 100_000 * DIM + 3 * BATCH * 100_000) + 24 * classes == 350_400_000
+
+
+def test_cases_are_method_and_params_pairs() -> None:
+    """Catches: a ``--methods`` value mapped to the wrong registered method or parameters (``pfc-0.2``
+    profiled at the default rate 0.1, ``pm`` not reaching Prototype Memory), or the identities per batch
+    not following the method's views per identity (G = B / 2 for the two-view methods, B for the heads)."""
+    assert parse_case("pfc-0.2").method == "pfc" and parse_case("pfc-0.2").params == {"sample_rate": 0.2}
+    assert parse_case("pfc-0.05").params == {"sample_rate": 0.05}
+    assert (parse_case("pm").method, parse_case("pm").params) == ("prototype_memory", {})
+    assert (parse_case("arcface").method, parse_case("sst").method) == ("arcface", "sst")
+    assert case_shape(parse_case("dcq"), 1_000, BATCH, DIM) == Shape(1_000, BATCH, DIM, G)
+    assert case_shape(parse_case("pfc-0.1"), 1_000, BATCH, DIM) == Shape(1_000, BATCH, DIM, BATCH)
+
+
+def test_profile_has_no_per_method_step_code() -> None:
+    """Catches: per-method step code coming back into bench/profile.py (issue 14, item 2: cases are built
+    through the registry and stepped by the Trainer; only sizes are per method)."""
+    import bench.profile
+
+    source = Path(bench.profile.__file__).read_text()
+    for call in ("direction_loss", "queue.enqueue", "logits(", "memory.write", ".backward(", "optimizer.step"):
+        assert call not in source, call
+    assert "Trainer(" in source and "build_method(" in source
 
 
 def test_memory_budget_skips_cases_whose_estimate_exceeds_it(tmp_path: Path) -> None:
@@ -158,7 +195,7 @@ def test_memory_budget_skips_cases_whose_estimate_exceeds_it(tmp_path: Path) -> 
     pytest) and under a quarter of the 1,000M-class ones' (350 GB and 704 GB), so only a process holding
     nearly 8 GiB could move a case across it (the test it replaces had a margin of 177 MB).
     """
-    budget_gib, small, huge, cpu = 8.0, 1_000, 1_000_000_000, torch.device("cpu")
+    budget_gib, small, huge = 8.0, 1_000, 1_000_000_000
     budget = budget_gib * 2**30
     result = runner.invoke(app, ["profile", "--classes", "1k,1000M", "--methods", "arcface,pfc-0.1", "--batch-size",
                                  str(BATCH), "--embedding-size", str(DIM), "--steps", "1", "--device", "cpu",
@@ -170,7 +207,7 @@ def test_memory_budget_skips_cases_whose_estimate_exceeds_it(tmp_path: Path) -> 
         ("arcface", small, "ok"), ("arcface", huge, "over budget"), ("pfc-0.1", small, "ok"),
         ("pfc-0.1", huge, "over budget")]
     for row in rows:
-        own = CASES.get(row["method"])(row["classes"], BATCH, DIM, cpu).estimate_bytes()
+        own = _own_estimate(row["method"], row["classes"])
         assert row["estimate_bytes"] > own  # the recorded estimate adds what the process held (its RSS)
         if row["status"] == "ok":
             assert own < budget / 10_000 and row["step_ms"] > 0
@@ -203,7 +240,7 @@ def test_parse_counts() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--classes", "abc"], "error: --classes: expected numbers like 10k,100k,1M, got 'abc'"),
     (["--methods", "arcface,nope"],
-     "error: unknown profile case 'nope'; valid: arcface, dcq, pfc-0.1, pfc-0.2, pm, sst"),
+     "error: unknown profile case 'nope'; valid: arcface, cosface, dcq, masst, pfc-<rate>, pm, sst"),
     (["--batch-size", "15"], "error: --batch-size must be even and >= 4 (two views per identity), got 15"),
     (["--steps", "0"], "error: --steps must be >= 1, got 0"),
     (["--memory-budget-gb", "0"], "error: --memory-budget-gb must be > 0, got 0.0"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods.distributed import DistContext
-from methods.queues import (NO_LABEL, ClassMemory, FeatureQueue, gather_for_enqueue, mask_same_label,
+from methods.queues import (NO_LABEL, ClassMemory, FeatureQueue, StagedWrite, gather_for_enqueue, mask_same_label,
                             random_unit_rows, split_views)
 
 
@@ -89,13 +89,17 @@ def test_queue_errors():
         queue.allocate(3, torch.zeros(2, 2))
 
 
-def test_queue_state_dict_resizes_a_fresh_queue_and_resumes_identically():
-    queue = FeatureQueue(dim=2)
-    queue.allocate(5, torch.ones(5, 2))
+def test_queue_state_dict_round_trip_resumes_identically():
+    """A queue built with its capacity and other initial rows, loaded from a state dict, continues exactly
+    as the original (rows, labels, pointer, full flag all restored); a queue of another capacity is refused
+    (no resize-on-load). Catches state kept outside buffers, and a silent resize."""
+    queue = FeatureQueue(2, 5, torch.ones(5, 2))
     queue.enqueue(_rows([1, 2, 3], 2), torch.tensor([1, 2, 3]))
-    fresh = FeatureQueue(dim=2)  # capacity 0: not yet allocated
+    fresh = FeatureQueue(2, 5)  # empty slots, pointer 0, not full
     fresh.load_state_dict(queue.state_dict())
     assert fresh.capacity == 5 and int(fresh.ptr) == 3 and bool(fresh.full)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        FeatureQueue(2, 4).load_state_dict(queue.state_dict())
     for value in (4, 5, 6):
         for q in (queue, fresh):
             q.enqueue(_rows([value, value + 10], 2), torch.tensor([value, value + 10]))
@@ -202,7 +206,7 @@ def test_memory_errors_and_state_round_trip():
     with pytest.raises(ValueError, match="exceed the capacity"):
         memory.write(torch.zeros(3, 2), torch.tensor([1, 2, 3]))
     memory.write(_rows([1.0], 2), torch.tensor([5]))
-    fresh = ClassMemory(dim=2)
+    fresh = ClassMemory(dim=2, capacity=2)
     fresh.load_state_dict(memory.state_dict())
     for m in (memory, fresh):
         m.write(_rows([2.0, 3.0], 2), torch.tensor([6, 7]))
@@ -226,3 +230,18 @@ def test_nearest_classes_against_brute_force():
         sims = [(float(prototypes[i] @ prototypes[j]), 100 + j) for j in range(8) if j != i]
         assert found[row].tolist() == [lab for _, lab in sorted(sims, reverse=True)[:3]]
     assert (memory.nearest_classes(torch.tensor([100]), 12)[0, 7:] == NO_LABEL).all()  # only 7 others
+
+
+def test_staged_write_commits_the_last_staged_rows_once():
+    """StagedWrite (the shared stage-in-forward, write-after-the-step pattern of DCQ, SST and PM): commit
+    writes the rows staged last, exactly once, and nothing when none are staged. Catches a double write
+    (a second on_step_end re-enqueuing) and a lost or stale batch."""
+    queue = FeatureQueue(2, 4)
+    staged = StagedWrite()
+    staged.commit(queue.enqueue)  # nothing staged: nothing written
+    assert int(queue.ptr) == 0 and not bool(queue.full)
+    staged.stage(_rows([1.0], 2), torch.tensor([1]))
+    staged.stage(_rows([2.0, 3.0], 2), torch.tensor([2, 3]))  # a second forward replaces the first
+    staged.commit(queue.enqueue)
+    staged.commit(queue.enqueue)
+    assert queue.live()[1].tolist() == [2, 3] and int(queue.ptr) == 2

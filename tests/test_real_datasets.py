@@ -10,7 +10,8 @@ import torch
 from data_formats import image_array, png, ref_bin, write_im2rec, write_insightface
 
 from bench.config import DataSettings, SplitSettings
-from bench.data.datasets import DATASETS, TrainSet, build_trainset
+from bench.data.catalog import DATASETS, build_trainset
+from bench.data.datasets import TrainSet
 from bench.data.encoded import EncodedDataset
 from bench.data.loader import BatchLoader, normalise
 from bench.data.real import CARD_DIR, EncodedTrainSet, card_for, load_card, locate

@@ -12,16 +12,9 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.records import iter_records
-from bench.report.tables import (
-    config_hash,
-    provenance,
-    results_frame,
-    select_runs,
-    summary_frame,
-    to_latex,
-    to_markdown,
-    write_report,
-)
+from bench.report.runs import config_hash, provenance, results_frame, select_runs, summary_frame
+from bench.report.tables import to_latex, to_markdown
+from bench.report.writer import write_report
 from tests.report_records import drawn_series, legend_labels, write_record
 
 runner = CliRunner()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from methods.base import MethodContext
 from methods.distributed import DistContext
 from methods.momentum import MomentumEncoder
 
@@ -78,5 +79,6 @@ def test_methods_expose_the_option():
         assert METHODS.get(name).defaults()["shuffle_bn"] is False
     from methods.dcq import DCQ
 
-    method = DCQ.from_config(nn.Flatten(), 10, 12, {"shuffle_bn": True})
+    method = DCQ.from_config(nn.Flatten(), MethodContext(num_classes=10, embedding_size=12, global_batch_size=4),
+                             {"shuffle_bn": True})
     assert method.weight_generator.shuffle_bn

@@ -19,8 +19,8 @@ from tests.method_helpers import IMAGE, NUM_CLASSES, assert_state_dict_resumes_i
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _build(cfg=None, seed=0, num_classes=NUM_CLASSES, name="sst"):
-    return build_tiny(name, cfg, seed, num_classes)
+def _build(cfg=None, seed=0, num_classes=NUM_CLASSES, name="sst", batch_size=8):
+    return build_tiny(name, cfg, seed, num_classes, batch_size)
 
 
 def _reference_loss(p1, g2, p2, g1, queue, index, s, m, arc=False):
@@ -110,18 +110,22 @@ def test_gallery_momentum_update_and_batchnorm_train_mode():
 
 
 def test_queue_size_rule_and_reuse_gap():
-    assert _build(num_classes=72778).derived_queue_size(1024) == 16384  # the paper's MS1M-v1c queue
-    assert _build(num_classes=5319).derived_queue_size(256) == 2560     # the paper's QMUL-SurvFace queue
-    assert _build(num_classes=1000).derived_queue_size(128) == 448      # SynthFace
-    assert _build().derived_queue_size(8) == 4
+    """The prototype queue is allocated at construction with the paper's sizes (hand-computed from the rule:
+    min(16384, identities // 2) rounded down to the identities per global batch). Catches a wrong rule or
+    rounding, and lazy allocation (capacity 0 until the first step)."""
+    capacity = lambda cfg=None, **shape: _build(cfg, **shape).queue.capacity  # noqa: E731
+    assert capacity(num_classes=72778, batch_size=1024) == 16384  # the paper's MS1M-v1c queue
+    assert capacity(num_classes=5319, batch_size=256) == 2560     # the paper's QMUL-SurvFace queue
+    assert capacity(num_classes=1000, batch_size=128) == 448      # SynthFace
+    assert capacity() == 4
     assert _build(num_classes=1000).batch_spec.identity_reuse_gap == 500
     assert _build({"queue_size": 256}, num_classes=1000).batch_spec.identity_reuse_gap == 256
     with pytest.raises(ConfigError, match="multiple of the identities per batch"):
-        _build({"queue_size": 10}).derived_queue_size(8)
+        _build({"queue_size": 10})
     with pytest.raises(ConfigError, match="smaller than the number of identities"):
         _build({"queue_size": 12})
     with pytest.raises(ConfigError, match="cannot hold one batch"):
-        _build(num_classes=6).derived_queue_size(16)
+        _build(num_classes=6, batch_size=16)
     for bad in ({"loss_type": "softmax2"}, {"alpha": 2.0}, {"s": -1.0}, {"nope": 1}):
         with pytest.raises(ConfigError, match="method 'sst'"):
             _build(bad)
@@ -139,14 +143,13 @@ def _guarded_run(identity_reuse_gap, steps=30, identities=24):
     for number in range(steps):
         index = sampler.batch(number)
         batch_labels = torch.from_numpy(labels[index])
-        if method.queue.allocated:
-            keep = torch.ones(method.queue.capacity, dtype=torch.bool)
-            keep[method.queue.positions(4)] = False
-            in_queue = set(method.queue.labels[keep].tolist())
-            violations.append(len(in_queue & set(batch_labels.tolist())))
+        keep = torch.ones(method.queue.capacity, dtype=torch.bool)
+        keep[method.queue.positions(4)] = False
+        in_queue = set(method.queue.labels[keep].tolist())
+        violations.append(len(in_queue & set(batch_labels.tolist())))
         optimizer.zero_grad()
         out = method(images[torch.from_numpy(index)], batch_labels)
-        assert float(out.logs["false_negatives"]) == (violations[-1] if violations else 0)
+        assert float(out.logs["false_negatives"]) == violations[-1]
         out.loss.backward()
         optimizer.step()
         method.on_step_end()
@@ -156,7 +159,7 @@ def _guarded_run(identity_reuse_gap, steps=30, identities=24):
 def test_false_negative_guard_holds_with_the_samplers_reuse_gap():
     method, violations = _guarded_run(_build(num_classes=24).batch_spec.identity_reuse_gap)
     assert method.queue.capacity == 12 and method.batch_spec.identity_reuse_gap == 12
-    assert len(violations) == 29 and sum(violations) == 0  # 5 epochs of 24 identities, never a false negative
+    assert len(violations) == 30 and sum(violations) == 0  # 5 epochs of 24 identities, never a false negative
     _, unguarded = _guarded_run(0)  # control: the plain sampler does produce them
     assert sum(unguarded) > 0
 

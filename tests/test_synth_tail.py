@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from bench.config import DataSettings, EvalSettings, SplitSettings, SynthFaceSettings
-from bench.data.datasets import TRAIN_NAMESPACE, TrainSet, build_trainset, synthface_config
+from bench.data.catalog import build_trainset
+from bench.data.datasets import TrainSet
+from bench.data.synth_trainset import TRAIN_NAMESPACE, synthface_config
 from bench.data.synthface import SynthFace
 from bench.errors import DataError
 from bench.eval import build_protocol

@@ -34,3 +34,16 @@ def test_train_settings_defaults_are_the_insightface_recipe():
     settings = TrainSettings()
     assert (settings.momentum, settings.weight_decay, settings.grad_clip_norm) == (0.9, 5e-4, 5.0)
     assert np.isclose(settings.lr, 0.1)
+
+
+def test_seed_everything_sets_the_deterministic_switch_both_ways():
+    """torch's deterministic-algorithms switch is process-global: a run with ``train.deterministic=false``
+    after one with ``true`` in the same process must train with the default kernels again. Catches a
+    ``seed_everything`` that only ever turns the switch on (it leaked into later in-process runs and
+    moved the calibration run's accuracy by points)."""
+    from bench.train import seed_everything
+
+    seed_everything(0, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    seed_everything(0, deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -13,6 +13,10 @@ antialiasing where they are stored at another size, and saying so in its metrics
 
 ``score_features(features)`` scores features computed elsewhere (``bench eval --features``).
 
+The benchmark files are read and written by :mod:`bench.eval.formats` (pure readers and writers, which
+import no protocol); the protocol modules below use them, and so do the synthetic generators of
+:mod:`bench.eval.synth_benchmarks`, which the ``synth-*`` protocols call.
+
 Registered protocols:
 
 - ``synth-lfw``, ``synth-ijbc``, ``synth-megaface``: SynthFace benchmarks of held-out identities, written

@@ -32,6 +32,9 @@ per method, 1.38 times synth-lfw alone. ``tests/conftest.py`` shrinks them for t
 
 Folders are cached under ``<data root>/synthface/<world key>/``, keyed by the sizes and by this module's
 source, and are created atomically (built in a temporary folder, then renamed).
+
+The generators write through :mod:`bench.eval.formats` and import no protocol; the ``synth-*`` protocols
+(:mod:`bench.eval.verification`, :mod:`bench.eval.ijb`, :mod:`bench.eval.megaface`) call them.
 """
 
 from __future__ import annotations
@@ -52,13 +55,14 @@ import numpy as np
 import torch
 
 from bench.config import DataSettings
-from bench.data.datasets import EVAL_NAMESPACE, synthface_world_key
+from bench.data.synth_trainset import EVAL_NAMESPACE, synthface_world_key
 from bench.data.synthface import Nuisance, SynthFace, SynthFaceConfig
 from bench.errors import DataError
 from bench.eval.align import ALIGNED_SIZE, warp_affine
-from bench.eval.images import encode_jpeg, encode_png, to_hwc
-from bench.eval.megaface import DISTRACTOR_LIST_PREFIX, FACESCRUB_NOISES, MEGAFACE_NOISES, PROBE_LIST, write_json_list
-from bench.eval.verification import dumps_bin, lfw_style_pairs
+from bench.eval.formats.bin import dumps_bin
+from bench.eval.formats.images import encode_jpeg, encode_png, to_hwc
+from bench.eval.formats.megaface_files import (DISTRACTOR_LIST_PREFIX, FACESCRUB_NOISES, MEGAFACE_NOISES, PROBE_LIST,
+                                              write_json_list)
 
 IJBC_SUBJECT_OFFSET = 100_000
 MEGAFACE_PROBE_OFFSET = 200_000
@@ -160,6 +164,27 @@ def _renderer(config: SynthFaceConfig) -> SynthFace:
 # ----------------------------------------------------------------------------------------------------
 # synth-lfw
 # ----------------------------------------------------------------------------------------------------
+
+
+def lfw_style_pairs(num_identities: int, seed: int, folds: int = 10,
+                    pairs_per_kind: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Identities and sample ids of ``2P`` images forming ``P`` pairs, and ``issame`` (LFW View 2 layout).
+
+    Fold ``f`` holds ``pairs_per_kind`` genuine pairs followed by as many impostor pairs. Sample ids are
+    unique across all images, so no image appears twice.
+    """
+    rng = np.random.default_rng([seed, 7])
+    identities, issame = [], []
+    for _ in range(folds):
+        same = rng.integers(0, num_identities, size=pairs_per_kind)
+        identities.append(np.stack([same, same], axis=1))
+        first = rng.integers(0, num_identities, size=pairs_per_kind)
+        second = (first + rng.integers(1, num_identities, size=pairs_per_kind)) % num_identities
+        identities.append(np.stack([first, second], axis=1))
+        issame += [True] * pairs_per_kind + [False] * pairs_per_kind
+    pair_identities = np.concatenate(identities).reshape(-1)
+    samples = np.arange(pair_identities.shape[0])
+    return pair_identities, samples, np.asarray(issame)
 
 
 def ensure_synth_lfw(data: DataSettings, num_identities: int = 2000, pairs_per_kind: int = 300,

@@ -40,7 +40,7 @@ from bench.config import DataSettings, EvalSettings
 from bench.errors import DataError
 from bench.eval import PROTOCOLS, eval_input_size, features_file
 from bench.eval.features import extract_features, l2_normalise
-from bench.eval.images import resize_images
+from bench.eval.formats.images import resize_images
 
 #: Sample ids of held-out probe images (the training pool uses 0 .. images_per_identity - 1).
 HELD_OUT_SAMPLE_OFFSET = 1_000_000
@@ -116,7 +116,9 @@ class SynthTail:
 
     def __init__(self, data: DataSettings, progress: bool = True, options: EvalSettings | None = None,
                  trainset: Any = None, input_size: int | None = None) -> None:
-        from bench.data.datasets import TRAIN_NAMESPACE, TrainSet, build_trainset, synthface_config
+        from bench.data.catalog import build_trainset
+        from bench.data.datasets import TrainSet
+        from bench.data.synth_trainset import TRAIN_NAMESPACE, synthface_config
         from bench.data.synthface import SynthFace
 
         self.options = options or EvalSettings()

@@ -1,6 +1,6 @@
 """Figures from run records (matplotlib + seaborn), PNG and PDF, one style, for ``bench report``.
 
-Every figure is drawn from the runs the tables show (:func:`bench.report.tables.select_runs`: per
+Every figure is drawn from the runs the tables show (:func:`bench.report.runs.select_runs`: per
 configuration key the newest configuration, the newest run per seed) and carries their provenance line.
 A method keeps one colour and marker in every figure. With several seeds, lines are the mean over seeds
 with a band of +- one std, points have error bars of +- one std; with one seed there is no band.
@@ -39,11 +39,13 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench.report.staging import StagedFiles  # noqa: E402
-from bench.report.tables import (  # noqa: E402
+from bench.report.runs import (  # noqa: E402
     GROUP_COLUMNS,
     is_run_record,
     metric_columns,
+    profile_records,
     provenance,
+    provenance_line,
     record_row,
     select_runs,
 )
@@ -370,8 +372,6 @@ def long_tail_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, 
 
 
 def profile_figure(record: dict[str, Any], styles: Styles) -> Drawing:
-    from bench.report.profile_table import provenance_line
-
     config = record["config"]
     rows = record["metrics"]["head-profile"]["rows"]
     fig, (speed_ax, memory_ax) = plt.subplots(1, 2, figsize=(FIGURE_WIDTH, 3.6), layout="constrained")
@@ -427,8 +427,6 @@ def profile_figure(record: dict[str, Any], styles: Styles) -> Drawing:
 def draw_figures(records: list[dict[str, Any]]) -> Iterator[Drawing]:
     """Every figure ``records`` support, drawn one after another (a generator: the caller saves and
     closes each before the next is drawn)."""
-    from bench.report.profile_table import profile_records
-
     apply_style()
     runs_by_id = {r["run_id"]: r for r in records if is_run_record(r)}
     rows = pd.DataFrame([record_row(r) for r in runs_by_id.values()])

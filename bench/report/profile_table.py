@@ -4,37 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.profile import TABLE_HEADERS, table_cells
+from tabulate import tabulate
+
+from bench.report.latex import latex_escape
+from bench.report.runs import profile_records, provenance_line
 
 
-def profile_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest complete ``bench profile`` record per device among ``records`` (sorted by run id, as
-    :func:`bench.records.iter_records` returns them; oldest device first)."""
-    newest: dict[str, dict[str, Any]] = {}
-    for record in records:
-        config = record.get("config") or {}
-        profile = (record.get("metrics") or {}).get("head-profile")
-        if config.get("kind") == "profile" and isinstance(profile, dict) and isinstance(profile.get("rows"), list):
-            newest[str(config.get("device"))] = record  # iter_records is sorted by run id: the last wins
-    return list(newest.values())
+#: Columns of the profile table (``bench profile`` output and ``bench report``'s profile section).
+TABLE_HEADERS = ["method", "classes", "logit columns", "step ms", "img/s", "peak GiB", "estimate GiB", "floor ms",
+                 "step / floor", "status"]
 
 
-def provenance_line(record: dict[str, Any]) -> str:
-    env, config = record.get("env") or {}, record.get("config") or {}
-    commit = str(env.get("git_commit") or "unknown")
-    commit = commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
-    detail = env.get("gpu") or env.get("cpu") or ""
-    return (f"Provenance: git commit {commit}; record {record['run_id']}; device {config.get('device')}"
-            f"{f' ({detail})' if detail else ''}, threads {config.get('threads', '?')}; "
-            f"date {str(env.get('date', 'unknown'))[:16].replace('T', ' ')}.")
+def table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The rows as text cells under :data:`TABLE_HEADERS` (timing cells empty for cases not run)."""
+    lines = []
+    for row in rows:
+        ok = row["status"] == "ok"
+        lines.append([row["method"], f"{row['classes']:,}", f"{row['logit_columns']:,}",
+                      f"{row['step_ms']:.1f}" if ok else "", f"{row['img_s']:,.0f}" if ok else "",
+                      f"{row['peak_bytes'] / 2**30:.2f}" if ok else "",
+                      f"{row['estimate_bytes'] / 2**30:.2f}", f"{row['floor_ms']:.1f}" if ok else "",
+                      f"{row['step_over_floor']:.2f}" if ok else "", row["status"]])
+    return lines
+
+
+def profile_markdown(rows: list[dict[str, Any]]) -> str:
+    """``rows`` of a ``head-profile`` record as a Markdown table (also what ``bench profile`` prints)."""
+    return tabulate(table_cells(rows), headers=TABLE_HEADERS, tablefmt="pipe", disable_numparse=True)
 
 
 def profile_section(records: list[dict[str, Any]]) -> tuple[str, str]:
     """Markdown and LaTeX of the newest profile record per device ("" when there is none)."""
-    from tabulate import tabulate
-
-    from bench.report.tables import latex_escape
-
     md, tex = [], []
     for record in profile_records(records):
         config = record["config"]
@@ -44,9 +44,9 @@ def profile_section(records: list[dict[str, Any]]) -> tuple[str, str]:
                 "(`bench profile`); median of the timed steps; peak = process peak RSS on CPU (whole process), "
                 "CUDA max allocated on GPU; step / floor = step time over the time of its bare matrix products; "
                 "`over budget`: estimated memory above the budget, not run.")
-        lines = table_cells(record["metrics"]["head-profile"]["rows"])
-        md += [f"## {title}\n", note + "\n", provenance_line(record) + "\n",
-               tabulate(lines, headers=TABLE_HEADERS, tablefmt="pipe", disable_numparse=True) + "\n"]
+        rows = record["metrics"]["head-profile"]["rows"]
+        lines = table_cells(rows)
+        md += [f"## {title}\n", note + "\n", provenance_line(record) + "\n", profile_markdown(rows) + "\n"]
         tex += [f"% {latex_escape(title)}\n% {provenance_line(record)}\n",
                 "\\begin{tabular}{l" + "r" * (len(TABLE_HEADERS) - 2) + "l}\n\\toprule\n",
                 " & ".join(latex_escape(h) for h in TABLE_HEADERS) + " \\\\\n\\midrule\n",

@@ -20,7 +20,7 @@ from bench.data.datasets import TrainSet
 from bench.data.loader import BatchLoader, flip_images, flip_mask, normalise
 from bench.data.sampler import RandomBatchSampler
 from bench.train import Trainer, lr_factor
-from methods.base import build_method
+from methods.base import MethodContext, build_method
 
 STEPS, BATCH, IMAGE, CLASSES, EMBEDDING = 12, 128, 32, 1000, 128
 
@@ -35,7 +35,7 @@ def _trainset() -> TrainSet:
 def _method():
     torch.manual_seed(0)
     backbone = build_backbone("small", embedding_size=EMBEDDING, input_size=IMAGE)
-    return build_method("arcface", backbone, CLASSES, EMBEDDING)
+    return build_method("arcface", backbone, MethodContext(CLASSES, EMBEDDING, global_batch_size=BATCH))
 
 
 def _harness_run(trainset: TrainSet, settings: TrainSettings) -> torch.nn.Module:

@@ -270,3 +270,19 @@ def linear_backbone(embedding_size: int = 32, input_size: int = 32):
     hidden = 64
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * input_size * input_size, hidden), nn.PReLU(hidden),
                          nn.Linear(hidden, embedding_size))
+
+
+#: Name of the earlier run record that fault tests seed and then check is left untouched.
+EARLIER_RUN = "20200101-000000-arcface-s0-earlier"
+
+
+def seed_earlier_record(results: Path, metrics: dict) -> Path:
+    """An earlier, complete-looking run record under ``results`` (``config.yaml`` + ``metrics.json``)
+    for a fault test to prove unchanged; returns its directory."""
+    import json
+
+    earlier = Path(results) / EARLIER_RUN
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("method: arcface\n")
+    (earlier / "metrics.json").write_text(json.dumps(metrics))
+    return earlier

@@ -20,7 +20,6 @@ back for a value of the wrong type on any command; the preset faults, a preset e
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,11 +32,11 @@ from typer.testing import CliRunner, Result
 
 from bench.cli import app
 from methods.base import METHODS
-from tests.faults.fault_helpers import assert_one_error_line, assert_preserved, bench_argv, python_env, snapshot, tree
+from tests.faults.fault_helpers import (assert_one_error_line, assert_preserved, bench_argv, python_env,
+                                       seed_earlier_record, snapshot, tree)
 
 runner = CliRunner()
 
-EARLIER_RUN = "20200101-000000-arcface-s0-earlier"
 
 
 @dataclass
@@ -55,10 +54,7 @@ class Workspace:
         return self.root / "data"
 
     def seed(self) -> None:
-        earlier = self.results / EARLIER_RUN
-        earlier.mkdir(parents=True)
-        (earlier / "config.yaml").write_text("method: arcface\n")
-        (earlier / "metrics.json").write_text(json.dumps({"synth-lfw": {"accuracy": 0.5}}))
+        seed_earlier_record(self.results, {"synth-lfw": {"accuracy": 0.5}})
         (self.data / "synthface").mkdir(parents=True)
         (self.data / "synthface" / "cached.npy").write_bytes(b"pixels rendered by an earlier run")
 

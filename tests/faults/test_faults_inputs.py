@@ -43,10 +43,9 @@ from typer.testing import CliRunner, Result
 from bench.cli import app
 from tests.data_formats import (MAGIC_LE, image_array, png, ref_bin, ref_pack, ref_write, write_im2rec,
                                 write_insightface)
-from tests.faults.fault_helpers import assert_one_error_line, assert_preserved, snapshot, tree
+from tests.faults.fault_helpers import assert_one_error_line, assert_preserved, seed_earlier_record, snapshot, tree
 
 runner = CliRunner()
-EARLIER_RUN = "20200101-000000-arcface-s0-earlier"
 #: Pool of the RecordIO faults: 8 images of 16 px, 3 identities (labels i % 3), written in key order.
 POOL = 8
 
@@ -74,10 +73,7 @@ class Workspace:
         return self.root / "earlier-metrics.json"
 
     def seed(self) -> None:
-        earlier = self.results / EARLIER_RUN
-        earlier.mkdir(parents=True)
-        (earlier / "config.yaml").write_text("method: arcface\n")
-        (earlier / "metrics.json").write_text(json.dumps({"lfw": {"accuracy": 0.5}}))
+        seed_earlier_record(self.results, {"lfw": {"accuracy": 0.5}})
         for cache in ("splits/tiny/0123456789abcdef/full-0123456789ab.npy", "cache/fedcba9876543210/labels.npy"):
             (self.data_root / cache).parent.mkdir(parents=True, exist_ok=True)
             (self.data_root / cache).write_bytes(b"written by an earlier run")

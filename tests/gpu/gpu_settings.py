@@ -161,7 +161,7 @@ def render_faces(identities: int, images_per_identity: int, image_size: int, nam
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 SynthFace images ``[N, 3, S, S]`` of the GPU preset's world, and their identity labels ``[N]``:
     ``images_per_identity`` images of each of ``identities`` identities of ``namespace``, identity-major."""
-    from bench.data.datasets import synthface_config
+    from bench.data.synth_trainset import synthface_config
     from bench.data.synthface import SynthFace
 
     config = dataclasses.replace(synthface_config(gpu_preset().data.synthface), image_size=image_size)

@@ -26,12 +26,12 @@ import pytest
 import torch
 
 from bench.backbones import build_backbone
-from bench.data.datasets import TRAIN_NAMESPACE
 from bench.data.loader import normalise
+from bench.data.synth_trainset import TRAIN_NAMESPACE
 from bench.profiling import PeakMemory
 from bench.runner import make_sampler
 from bench.train import Trainer, seed_everything
-from methods.base import METHODS, BatchSpec, build_method
+from methods.base import METHODS, BatchSpec, MethodContext, build_method
 from tests.gpu.gpu_settings import GpuSizes, gpu_preset, render_faces, synchronize
 
 
@@ -81,8 +81,8 @@ def test_method_trains_with_amp(name: str, device: torch.device, sizes: GpuSizes
                                    backbone=sizes.backbone, device=str(device), ckpt_every=0)
     seed_everything(settings.seed)
     backbone = build_backbone(settings.backbone, embedding_size=settings.embedding_size, input_size=sizes.image_size)
-    method = build_method(name, backbone, sizes.train_identities, settings.embedding_size,
-                          preset.method_params.get(name)).to(device)
+    ctx = MethodContext(sizes.train_identities, settings.embedding_size, settings.batch_size, sizes.train_steps)
+    method = build_method(name, backbone, ctx, preset.method_params.get(name)).to(device)
     trainer = Trainer(method, settings, device, total_steps=sizes.train_steps)
     memory = PeakMemory(device)
     losses, times = _train(trainer, _batches(pool, method.batch_spec, settings.batch_size, device),

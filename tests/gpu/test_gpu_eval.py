@@ -45,8 +45,8 @@ from torch import nn
 
 from bench.backbones import build_backbone
 from bench.check import Tolerances
-from bench.data.datasets import EVAL_NAMESPACE
 from bench.data.loader import normalise
+from bench.data.synth_trainset import EVAL_NAMESPACE
 from bench.eval.features import extract_features
 from bench.eval.ijb import score_pairs, template_features
 from bench.eval.megaface import rank_accuracy

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import typer
 
-from bench.cli_common import one_line_errors
+from bench.cli.common import DataRootOption, ProgressOption, one_line_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pack, inspect and verify training data (RecordIO .rec/.idx and image folders).")
@@ -50,7 +50,7 @@ def pack(
                                           help="Re-encode every image as JPEG at this quality. Default: copy the bytes."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Write records in random order (as im2rec)."),
     seed: int = typer.Option(100, help="Seed of the write order (im2rec uses 100)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    progress: ProgressOption = True,
 ) -> None:
     """Write an im2rec-style train.rec/train.idx/property from an image folder (labels in sorted folder order)."""
     from rich.console import Console
@@ -70,7 +70,7 @@ def pack(
 @one_line_errors
 def inspect(
     path: Path = typer.Argument(..., help="A .rec file, a folder holding train.rec (+ .idx, property), or an image folder."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    progress: ProgressOption = True,
 ) -> None:
     """Print JSON: format, layout, images, identities, images per identity (min/median/max), image size."""
     dataset = open_path(path, progress)
@@ -84,12 +84,11 @@ def inspect(
 def verify(
     name: str = typer.Argument(..., help="Dataset name (a card in datasets/, see `bench list datasets`)."),
     path: Optional[Path] = typer.Option(None, "--path", help="Folder of the dataset (overrides the card's env variable)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root",
-                                             help="Data root. Default: $FACEBENCH_DATA_ROOT or ./datasets."),
+    data_root: DataRootOption = None,
     card: Optional[Path] = typer.Option(None, "--card", help="A dataset card to use instead of datasets/NAME.yaml."),
     shards: int = typer.Option(16, min=1, help="Decode one image from each of this many parts (or each WebFace shard)."),
     checksums: bool = typer.Option(False, "--checksums", help="Also check the sha256 of the files the card lists."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    progress: ProgressOption = True,
 ) -> None:
     """Check a dataset against its card (counts, image size, layout, one decoded image per shard); exit 1 if wrong."""
     from bench.config import DataSettings

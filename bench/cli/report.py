@@ -13,18 +13,18 @@ from typing import Optional
 
 import typer
 
-from bench.cli_common import err, one_line_errors
+from bench.cli.common import DeviceOption, ResultsOption, RunsOutOption, err, one_line_errors
 
 
 @one_line_errors
 def report_command(
-    results: Path = typer.Option(Path("results"), "--results", help="Directory of run records."),
+    results: ResultsOption = Path("results"),
     out: Path = typer.Option(Path("reports"), "--out", help="Where results.md, results.tex and figures/ are written."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also draw the figures (PNG and PDF)."),
 ) -> None:
     """Regenerate reports/results.md, reports/results.tex and reports/figures/ from the run records."""
     from bench.errors import BenchError
-    from bench.report.tables import write_report
+    from bench.report.writer import write_report
 
     if not results.is_dir():
         raise BenchError(f"results directory {results} does not exist")
@@ -36,16 +36,17 @@ def report_command(
 def profile_command(
     classes: str = typer.Option("10k,100k,300k,1M,2M", "--classes", help="Class counts, e.g. 10k,100k,1M."),
     methods: str = typer.Option(",".join(("arcface", "pfc-0.1", "pfc-0.2", "dcq", "pm", "sst")), "--methods",
-                                help="Cases: arcface (full FC), pfc-0.1, pfc-0.2, dcq, pm, sst (also MASST's queue)."),
+                                help="Cases, each a registered method built as `bench run` does: arcface, cosface (full FC), "
+                                     "pfc-R (Partial FC at sample_rate R, e.g. pfc-0.1), dcq, pm, sst, masst."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per step (two views per identity for dcq, pm, sst)."),
     embedding_size: int = typer.Option(512, "--embedding-size", help="Embedding size."),
     steps: int = typer.Option(3, "--steps", help="Timed steps per case (after one warm-up step); the median is kept."),
     memory_budget_gb: float = typer.Option(16.0, "--memory-budget-gb",
                                            help="Cases whose estimated memory (GiB) exceeds this are not run "
                                                 "and are reported 'over budget'."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: DeviceOption = "auto",
     threads: int = typer.Option(0, "--threads", help="Intra-op CPU threads (0: torch's default)."),
-    out: Path = typer.Option(Path("results"), "--out", help="Results directory; the record goes to OUT/<run-id>/."),
+    out: RunsOutOption = Path("results"),
 ) -> None:
     """Time and memory of each method's head vs the number of classes, on fixed random embeddings."""
     from bench.profile import ProfileSettings, format_rows, parse_counts, run_profile
@@ -67,7 +68,7 @@ def profile_command(
 @one_line_errors
 def check_command(
     baseline: Path = typer.Option(..., "--baseline", help="Baseline JSON (from `bench baseline save`)."),
-    results: Path = typer.Option(Path("results"), "--results", help="Directory of run records to check."),
+    results: ResultsOption = Path("results"),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop",
                                                       help="Percentage points a quality metric may drop "
                                                            "(default 0.5, or the baseline's own)."),
@@ -108,7 +109,7 @@ baseline_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_ex
 @one_line_errors
 def baseline_save(
     out: Path = typer.Option(Path("results/baselines/baseline.json"), "--out", help="Baseline JSON to write."),
-    results: Path = typer.Option(Path("results"), "--results", help="Directory of run records."),
+    results: ResultsOption = Path("results"),
     max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop",
                                                       help="Store this accuracy tolerance (pp) in the baseline."),
     max_throughput_drop: Optional[float] = typer.Option(None, "--max-throughput-drop",

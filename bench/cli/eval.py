@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import typer
 
-from bench.cli_common import err, one_line_errors, parse_sets
+from bench.cli.common import DataRootOption, DeviceOption, ProgressOption, err, one_line_errors, parse_sets
 
 
 @one_line_errors
@@ -36,21 +36,20 @@ def eval_command(
     features: Optional[Path] = typer.Option(None, "--features",
                                             help="Precomputed features for one protocol instead of a checkpoint "
                                                  "(.npy, or a MegaFace devkit feature folder)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: DeviceOption = "auto",
     batch_size: int = typer.Option(512, "--batch-size", help="Images per forward pass."),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Flip test: f(x) + f(flip x)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root",
-                                             help="Data root (real benchmarks under <root>/eval/, synthetic caches)."),
+    data_root: DataRootOption = None,
     set_: list[str] = typer.Option([], "--set", help="Evaluation options, e.g. --set eval.ijb_detector_score=false "
                                                      "--set eval.tar_read_off=at_most (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics JSON to this file."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    progress: ProgressOption = True,
 ) -> None:
     """Evaluate a checkpoint, or precomputed features, on any protocol; prints metrics JSON on stdout."""
     from bench.config import load_config
     from bench.eval import PROTOCOLS, build_protocol
     from bench.records import atomic_write_json
-    from methods.registry import ConfigError
+    from bench.errors import ConfigError
 
     if (checkpoint is None) == (features is None):
         raise ConfigError("give exactly one of --checkpoint (a model to run) or --features (precomputed features)")

@@ -1,27 +1,23 @@
-"""The ``bench`` command line (typer). Commands stay thin: parse, build the config, call library code.
+"""``bench run``: train each method on the same data, backbone and budget, evaluate it, print the table.
 
-Progress and messages go to stderr (rich); stdout carries only results (tables, listings), so it can be
-piped. Exit codes: 0 success, 1 a failed run (e.g. a non-finite loss), 2 a usage or configuration error,
-printed as one line without a traceback.
+A thin command: the flags (and ``--set`` pairs) become configuration overrides (:func:`run_overrides`),
+:func:`bench.config.load_config` resolves them against a preset, and :func:`bench.runner.run` does the work.
+Torch and the harness are imported inside the command, so ``bench run --help`` stays light.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from bench.cli_common import OneLineUsageErrors, err, one_line_errors, parse_sets
-
-app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="FaceBench: train and evaluate face-recognition methods on equal terms.")
+from bench.cli.common import (DataRootOption, DeviceOption, ProgressOption, RunsOutOption, err, one_line_errors,
+                              parse_sets)
 
 
-@app.command()
 @one_line_errors
-def run(
+def run_command(
     methods: Optional[str] = typer.Option(None, "--methods", "-m",
                                           help="Comma-separated method names (see `bench list`). Default: arcface,cosface."),
     split: Optional[str] = typer.Option(None, help="Training split: full, shallow or longtail. Default: full."),
@@ -34,12 +30,10 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Training seed (initialisation, sampling, flips). Default: 0."),
     seeds: int = typer.Option(1, "--seeds", help="Repeat each method with seeds SEED, SEED+1, ..., SEED+N-1 "
                                                  "(tables show mean ± std over them)."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA if available), cpu, cuda or cuda:N. Default: auto."),
+    device: DeviceOption = None,
     eval: Optional[str] = typer.Option(None, "--eval", help="Comma-separated evaluation protocols. Default: synth-lfw,synth-ijbc,synth-megaface."),
-    out: Optional[Path] = typer.Option(None, help="Results directory; each method run writes OUT/<run-id>/. Default: results."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root",
-                                             help="Where generated data and split files are cached. Default: "
-                                                  "$FACEBENCH_DATA_ROOT or ./datasets."),
+    out: RunsOutOption = None,
+    data_root: DataRootOption = None,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML preset; flags override it."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key, e.g. --set train.lr=0.05 "
                                                      "--set method_params.arcface.m=0.45 (repeatable)."),
@@ -49,18 +43,24 @@ def run(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the interrupted run RUN_ID (a directory "
                                                                 "under --out, or a path) from its newest "
                                                                 "checkpoint; other flags are taken from the run."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    progress: ProgressOption = True,
 ) -> None:
     """Train each method on the same data, backbone and budget, evaluate it, and print the results table.
+
+    Progress: a bar on a terminal, else plain lines (each tenth of the run, or FACEBENCH_PROGRESS_INTERVAL_S=30 s).
 
     Several processes: ``torchrun --nproc_per_node=N -m bench run ...`` (README, "Scaling out").
     """
     from bench.config import load_config
     from bench.distributed import shutdown
-    from bench.report.tables import results_frame, to_markdown
+    from bench.progress import interval_s
+    from bench.report.runs import results_frame
+    from bench.report.tables import to_markdown
     from bench.runner import resume as resume_run
     from bench.runner import run as run_benchmark
 
+    if progress:
+        interval_s()  # a bad FACEBENCH_PROGRESS_INTERVAL_S fails here, before anything is written
     try:
         if resume is not None:
             run_dir = Path(resume) if Path(resume).is_dir() else Path(out or "results") / resume
@@ -70,7 +70,7 @@ def run(
             flags = dict(methods=methods, split=split, dataset=dataset, backbone=backbone, ids=ids, budget=budget,
                          batch_size=batch_size, seed=seed, device=device, eval=eval, out=out, data_root=data_root,
                          ckpt_every=ckpt_every)
-            cfg = load_config(config, _run_overrides(flags, set_))
+            cfg = load_config(config, run_overrides(flags, set_))
             runs, results_dir = run_benchmark(cfg, console=err, progress=progress, seeds=seeds), Path(cfg.out)
     finally:
         shutdown()
@@ -79,7 +79,7 @@ def run(
         typer.echo(to_markdown(frame[frame["run_id"].isin([r.run_dir.name for r in runs])]))
 
 
-def _run_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+def run_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """Configuration overrides from ``bench run``'s flags (those given) and ``--set`` pairs."""
     mapping = {"methods": "methods", "split": "data.split.name", "dataset": "data.dataset",
                "backbone": "train.backbone", "ids": "data.split.max_identities", "budget": "train.budget",
@@ -89,58 +89,3 @@ def _run_overrides(flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
                  for name, key in mapping.items() if flags[name] is not None}
     overrides.update(parse_sets(sets))
     return overrides
-
-
-@app.command("list")
-@one_line_errors
-def list_(
-    what: Optional[str] = typer.Argument(None, help="methods, backbones, datasets, splits or protocols (default: all)."),
-) -> None:
-    """Print the registered methods (with their default hyperparameters), backbones, datasets, splits and protocols."""
-    from bench.backbones import BACKBONES
-    from bench.data.datasets import DATASETS
-    from bench.data.splits import SPLITS
-    from bench.eval import PROTOCOLS
-    from methods.base import METHODS
-    from methods.registry import ConfigError
-
-    sections = {"methods": METHODS, "backbones": BACKBONES, "datasets": DATASETS, "splits": SPLITS,
-                "protocols": PROTOCOLS}
-    if what is not None and what not in sections:
-        raise ConfigError(f"unknown listing '{what}'; valid: {', '.join(sections)}")
-    for name, registry in sections.items():
-        if what is not None and name != what:
-            continue
-        typer.echo(f"{name}:")
-        for entry in registry.names():
-            detail = ""
-            if registry is METHODS:
-                defaults = METHODS.get(entry).defaults()
-                detail = "  " + ", ".join(f"{k}={v}" for k, v in defaults.items())
-            aliases = registry.aliases_of(entry)
-            alias_text = f" (alias: {', '.join(aliases)})" if aliases else ""
-            typer.echo(f"  {entry}{alias_text}{detail}")
-
-
-def _register_subcommands() -> None:
-    from bench.cli_data import app as data_app
-    from bench.cli_eval import eval_command
-    from bench.cli_report import baseline_app, check_command, profile_command, report_command
-
-    app.add_typer(data_app, name="data")
-    app.command("eval")(eval_command)
-    app.command("report")(report_command)
-    app.command("profile")(profile_command)
-    app.command("check")(check_command)
-    app.add_typer(baseline_app, name="baseline")
-
-
-_register_subcommands()
-
-
-def main() -> None:
-    app(prog_name="bench")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

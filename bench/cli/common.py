@@ -1,4 +1,9 @@
-"""Pieces every ``bench`` sub-command shares: the stderr console, one-line error reporting, ``--set``.
+"""Pieces every ``bench`` sub-command shares: the stderr console, one-line error reporting, ``--set``, and
+the options several commands take (``--progress``, ``--device``, ``--data-root``, ``--results``, a run's
+``--out``), declared once here as ``Annotated`` types so their flags and help cannot drift apart. Their
+help states the default (``show_default=False``): where a command passes ``None`` the preset decides.
+
+This module imports typer and rich only (no torch, numpy or pandas): ``bench --help`` loads it.
 
 Exit codes: 0 success, 1 a failed run or check, 2 a usage or configuration error, printed as one line
 without a traceback (STYLE.md, CLI). That holds for errors typer finds while parsing (a flag value of the
@@ -12,15 +17,15 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from bench.errors import USER_ERRORS
-from methods.registry import ConfigError
+from bench.errors import USER_ERRORS, ConfigError
 
 #: Progress, messages and errors go to stderr; stdout carries only results.
 err = Console(stderr=True)
@@ -101,6 +106,15 @@ class OneLineUsageErrors(TyperGroup):
         with _usage_errors_in_one_line():
             return super().invoke(ctx)
 
+    def get_help_option(self, ctx: Any) -> Any:
+        """The group's ``--help``, defaulting to ``False`` rather than ``None``. Ours: typer coerces a
+        parameter's value through pydantic unless it is a bool already, so an unset ``None`` imported
+        pydantic (about 0.1 s) for every sub-command, ``bench run --help`` included (issue 14, item 5)."""
+        option = super().get_help_option(ctx)
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:
     """``--set KEY=VALUE`` pairs as a dict of dotted keys."""
@@ -111,3 +125,25 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=0.05), got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+#: ``--progress/--no-progress`` (bench run, eval, data pack/inspect/verify).
+ProgressOption = Annotated[bool, typer.Option(
+    "--progress/--no-progress",
+    help="Report progress on stderr: bars on a terminal; bench run writes plain lines when stderr is not one.")]
+
+#: ``--device`` (bench run, eval, profile); ``None`` leaves it to the preset.
+DeviceOption = Annotated[Optional[str], typer.Option(
+    "--device", help="auto (CUDA if available), cpu, cuda or cuda:N. Default: auto.", show_default=False)]
+
+#: ``--data-root`` (bench run, eval, data verify); ``None``: the config's default.
+DataRootOption = Annotated[Optional[Path], typer.Option(
+    "--data-root", help="Data root: generated data and split files are cached there, real data under it "
+                        "(e.g. <root>/eval/). Default: $FACEBENCH_DATA_ROOT or ./datasets.", show_default=False)]
+
+#: ``--results`` (bench report, check, baseline save): the directory of run records read.
+ResultsOption = Annotated[Path, typer.Option("--results", help="Directory of run records.")]
+
+#: ``--out`` of the commands that write a run record (bench run, profile).
+RunsOutOption = Annotated[Optional[Path], typer.Option(
+    "--out", help="Results directory; each run writes OUT/<run-id>/. Default: results.", show_default=False)]
