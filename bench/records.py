@@ -278,6 +278,30 @@ def read_record(directory: Path) -> dict[str, Any] | None:
     return record
 
 
+def complete_runs_by_fingerprint(results_dir: Path) -> dict[str, Path]:
+    """Config fingerprint -> directory of the newest complete run record with it, under ``results_dir``.
+
+    What ``bench run`` and ``bench reproduce`` reuse instead of training again (issue 15, item 3). Only
+    ``config.yaml`` is read, and only of complete runs (``metrics.json`` present); a record whose
+    ``config.yaml`` cannot be read or has no fingerprint is not reused (``bench report`` warns about it).
+    """
+    found: dict[str, Path] = {}
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        return found
+    for directory in sorted(results_dir.iterdir()):  # run ids sort by start time: the newest wins
+        if not directory.is_dir() or not (directory / "metrics.json").is_file():
+            continue
+        try:
+            config = _read_record_file(directory / "config.yaml")
+        except DataError:
+            continue
+        fingerprint = config.get("config_fingerprint") if isinstance(config, dict) else None
+        if isinstance(fingerprint, str):
+            found[fingerprint] = directory
+    return found
+
+
 def _read_record_file(path: Path) -> dict[str, Any] | list[dict[str, Any]]:
     """One record file parsed: a mapping (``.yaml``, ``.json``) or a list of mappings (``.jsonl``), else
     :class:`DataError` with the file and the reason in one line."""

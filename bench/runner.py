@@ -8,6 +8,7 @@ size, budget (samples seen, all views counted), optimizer, schedule, seed and ev
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -33,7 +34,7 @@ from bench.eval import PROTOCOLS, build_protocol, check_available, model_input_s
 from bench.distributed import barrier, broadcast_object, check_batch_divides, init_from_environment
 from bench.errors import BenchError, ResultsDirError
 from bench.progress import training_progress
-from bench.records import RunLock, RunRecord, ensure_writable_dir, environment
+from bench.records import RunLock, RunRecord, complete_runs_by_fingerprint, ensure_writable_dir, environment
 from bench.train import NonFiniteLossError, Trainer, seed_everything
 from methods.base import METHODS, BatchSpec, Method, MethodContext, build_method
 from methods.distributed import DistContext
@@ -280,10 +281,16 @@ def _prepare(cfg: RunConfig, dist: DistContext, progress: bool) -> tuple[TrainSe
     return trainset, protocols
 
 
-def run(cfg: RunConfig, console: Console | None = None, progress: bool = True, seeds: int = 1) -> list[MethodRun]:
+def run(cfg: RunConfig, console: Console | None = None, progress: bool = True, seeds: int = 1,
+        force: bool = False) -> list[MethodRun]:
     """Run every method of ``cfg`` with seeds ``train.seed .. train.seed + seeds - 1`` (one run group);
     returns one :class:`MethodRun` per (seed, method), seed by seed, methods in order (on rank 0; other
-    ranks of a torchrun launch return an empty list)."""
+    ranks of a torchrun launch return an empty list).
+
+    A (method, seed) whose complete record with the same configuration fingerprint already exists under
+    ``cfg.out`` is not trained again: its record is returned, and the console says so (issue 15, item 3);
+    ``force`` trains it anyway. When every one exists, no data is read either.
+    """
     console = console or Console(stderr=True)
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
@@ -291,28 +298,59 @@ def run(cfg: RunConfig, console: Console | None = None, progress: bool = True, s
     check_names(cfg)
     dist, device = init_from_environment(cfg.train.device)  # the device exists; joining torchrun writes nothing
     check_methods(cfg, dist)
-    if dist.is_main:  # rank 0 alone evaluates, so only it needs the benchmark files
+    jobs = [(replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + offset)), name)
+            for offset in range(seeds) for name in cfg.methods]
+    # Rank 0 decides what is reused (one reading of the results directory) and every rank follows it.
+    reused = broadcast_object(_reusable(jobs, Path(cfg.out)) if dist.is_main and not force else {}, dist)
+    if dist.is_main and len(reused) < len(jobs):  # rank 0 alone evaluates: only it needs the benchmark files
         check_protocols(cfg)
     results_dir = ensure_writable_dir(Path(cfg.out))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    trainset, protocols = _prepare(cfg, dist, progress)
+    trainset, protocols = _prepare(cfg, dist, progress) if len(reused) < len(jobs) else (None, [])
     group = broadcast_object(f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", dist)
-    split = trainset.info.get("split", {})
-    if dist.is_main:
+    if dist.is_main and trainset is not None:
+        split = trainset.info.get("split", {})
         console.print(f"[bold]bench run[/] {group}: {cfg.data.dataset}/{cfg.data.split.name} "
                       f"({split.get('identities')} identities, {split.get('images')} images), "
                       f"backbone {cfg.train.backbone}, budget {cfg.train.budget} samples, device {device}"
                       + (f", {dist.world_size} ranks" if dist.is_distributed else ""))
     runs = []
-    for offset in range(seeds):
-        seeded = replace(cfg, train=replace(cfg.train, seed=cfg.train.seed + offset))
-        for name in cfg.methods:
-            runs.append(train_and_evaluate(seeded, name, trainset, protocols, device, results_dir, group, console,
-                                           progress, dist=dist))
+    for index, (seeded, name) in enumerate(jobs):
+        if index in reused:
+            runs.append(_reused_run(name, Path(reused[index])))
             if dist.is_main:
-                console.print(f"  {name} (seed {seeded.train.seed}): record {runs[-1].run_dir}")
+                console.print(f"  {name} (seed {seeded.train.seed}): reusing the complete record {runs[-1].run_dir} "
+                              f"(same config fingerprint; --force retrains)", soft_wrap=True, highlight=False)
+            continue
+        runs.append(train_and_evaluate(seeded, name, trainset, protocols, device, results_dir, group, console,
+                                       progress, dist=dist))
+        if dist.is_main:
+            console.print(f"  {name} (seed {seeded.train.seed}): record {runs[-1].run_dir}")
     return runs if dist.is_main else []
+
+
+def _reusable(jobs: list[tuple[RunConfig, str]], results_dir: Path) -> dict[int, str]:
+    """Job index -> directory of a complete record with the job's configuration fingerprint."""
+    existing = complete_runs_by_fingerprint(results_dir)
+    found = {}
+    for index, (seeded, name) in enumerate(jobs):
+        directory = existing.get(seeded.for_method(name).resolved().fingerprint())
+        if directory is not None:
+            found[index] = str(directory)
+    return found
+
+
+def _reused_run(method_name: str, run_dir: Path) -> MethodRun:
+    """A reused record as :class:`MethodRun` (its metrics and perf as written)."""
+    loaded = {}
+    for name in ("metrics.json", "perf.json"):
+        try:
+            loaded[name] = json.loads((run_dir / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"{run_dir / name}: cannot be read to reuse the run ({exc}); "
+                             f"--force retrains it") from None
+    return MethodRun(method_name, run_dir, loaded["metrics.json"], loaded["perf.json"])
 
 
 def resume(run_dir: Path, console: Console | None = None, progress: bool = True) -> MethodRun | None:

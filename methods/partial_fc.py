@@ -52,7 +52,7 @@ from methods.arcface import CENTER_INIT_STD, ArcFace, CombinedMargin, CosFace, c
 from methods.base import check_params, parameter_defaults, register_head
 from methods.distributed import (DistContext, all_gather, all_gather_with_grad, class_shard, draw_seed,
                                  init_center_rows)
-from methods.margin_softmax import margin_softmax_cross_entropy
+from methods.margin_softmax import SoftmaxWorkspace, margin_softmax_cross_entropy
 from methods.mv_softmax import MVSoftmax
 from methods.npcface import NPCFace
 from methods.registry import ConfigError, Registry
@@ -127,6 +127,9 @@ class PartialFC(nn.Module):
             # its pages, so it costs resident memory only once used.
             self.register_buffer("active_rows_workspace", torch.empty(self.num_sample, embedding_size),
                                  persistent=False)
+            # The loss's [B, K] buffer and the sampled centers' gradient, reused step to step (ours, issue 14
+            # item 7: fresh blocks this large cost a page fault per page on CPU). Scratch, not state.
+            self.softmax_workspace = SoftmaxWorkspace()
         # Sampling has its own generator (seeded from the global one) so that its state is resumable.
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self._optimizer: torch.optim.Optimizer | None = None
@@ -172,7 +175,10 @@ class PartialFC(nn.Module):
         state = optimizer.state[self.active_weight]
         for key, rows in self._row_states().items():
             if key != "max_exp_avg_sq" or self._group.get("amsgrad"):
-                state[key] = rows.index_select(0, self._index)
+                # The first entry (SGD's momentum) into the softmax workspace's shared block, free once the
+                # loss is back-propagated: no fresh [K, D] per step, and no more memory at the step's peak.
+                out = self.softmax_workspace.shared((self._index.numel(), rows.shape[1]), rows.dtype, rows.device)
+                state[key] = torch.index_select(rows, 0, self._index, out=out)
         self._saved_weight_decay = self._group["weight_decay"]
         if self._fold_weight_decay and self._saved_weight_decay:
             self.active_weight.grad.add_(self.active_weight.detach(), alpha=self._saved_weight_decay)
@@ -194,9 +200,8 @@ class PartialFC(nn.Module):
 
         ours (issue 14, item 7): a fresh ``[K, D]`` tensor every step costs, on CPU, a page fault per 4 KiB
         page first touched (blocks this large go back to the OS when freed), about twice the gather itself.
-        The momentum rows (:meth:`_before_step`) are still gathered into a fresh tensor: a second workspace
-        would be resident during the backward pass too, where it would raise the step's peak memory by the
-        ``[B, K]`` buffers; allocated at the optimizer step, it takes their place.
+        The momentum rows (:meth:`_before_step`) are gathered into the softmax workspace's shared block,
+        which holds the loss's ``[B, K]`` buffer during the forward and backward passes.
         """
         workspace = self.active_rows_workspace
         with torch.no_grad():
@@ -228,14 +233,19 @@ class PartialFC(nn.Module):
         embeddings = all_gather_with_grad(embeddings, self.dist)
         shard_labels = self.shard.to_local(all_gather(labels, self.dist))
         index, local_labels = sample_centers(shard_labels, self.shard.size, self.num_sample, self.generator)
+        workspace = None
         if self.update == "dense":
             centers = self.weight if index.numel() == self.shard.size else self.weight.index_select(0, index)
         else:
+            # The gradient lands in the workspace only while active_weight.grad is clear (step_end clears it),
+            # so that gradients accumulated over two backward passes never alias.
+            if self.active_weight.grad is None:
+                workspace = self.softmax_workspace
             self._swap_in(index)
             self._index = index
             centers = self.active_weight
         return margin_softmax_cross_entropy(embeddings, centers, local_labels, self.rule, self.filter_threshold,
-                                            dist=self.dist)
+                                            dist=self.dist, workspace=workspace)
 
     def _move_generator(self, device: torch.device) -> None:
         moved = torch.Generator(device=device)

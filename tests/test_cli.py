@@ -78,11 +78,38 @@ def test_run_writes_complete_records_and_prints_the_table(tmp_path, tiny_args):
 
 
 def test_same_seed_gives_identical_numbers(tmp_path, tiny_args):
-    for _ in range(2):
-        assert _invoke(["run", "--methods", "cosface", *tiny_args]).exit_code == 0
+    for extra in ([], ["--force"]):  # --force: train again rather than reuse the first record
+        assert _invoke(["run", "--methods", "cosface", *tiny_args, *extra]).exit_code == 0
     first, second = iter_records(tmp_path / "results")
     assert [e["loss"] for e in first["train"]] == [e["loss"] for e in second["train"]]
     assert first["metrics"]["synth-lfw"]["fold_accuracies"] == second["metrics"]["synth-lfw"]["fold_accuracies"]
+
+
+def _files_state(results: Path) -> dict[str, int]:
+    return {str(p.relative_to(results)): p.stat().st_mtime_ns for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+def test_a_complete_run_is_reused_and_force_retrains(tmp_path, tiny_args):
+    """Issue 15, item 3. Catches: a second `bench run` of the same configuration and seed that trains again
+    (a new record, or the old one rewritten), one that reuses a record of another seed or configuration, and
+    a `--force` that does not retrain."""
+    results = tmp_path / "results"
+    assert _invoke(["run", "--methods", "cosface", *tiny_args]).exit_code == 0
+    (first,) = iter_records(results)
+    before = _files_state(results)
+    again = _invoke(["run", "--methods", "cosface", *tiny_args])
+    assert again.exit_code == 0, again.output
+    assert _files_state(results) == before  # nothing written: no new record, no file of the old one touched
+    assert f"reusing the complete record {results / first['run_id']}" in " ".join(again.output.split())
+    assert first["run_id"] in again.stdout  # the table shows the reused run
+    # One more seed trains only that seed; another configuration trains anew.
+    assert _invoke(["run", "--methods", "cosface", "--seeds", "2", *tiny_args]).exit_code == 0
+    assert sorted(r["config"]["train"]["seed"] for r in iter_records(results)) == [0, 1]
+    assert _invoke(["run", "--methods", "cosface", "--set", "train.lr=0.05", *tiny_args]).exit_code == 0
+    assert len(iter_records(results)) == 3
+    forced = _invoke(["run", "--methods", "cosface", "--force", *tiny_args])
+    assert forced.exit_code == 0 and "reusing" not in forced.output
+    assert len(iter_records(results)) == 4
 
 
 def test_method_params_reach_the_record(tmp_path, tiny_args):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from methods.arcface import ArcFace, CombinedMargin, CosFace, SubCenterArcFace
-from methods.margin_softmax import margin_softmax_cross_entropy
+from methods.margin_softmax import SoftmaxWorkspace, margin_softmax_cross_entropy
 from methods.margins import ArcFaceRule, CosFaceRule, MVSoftmaxRule, NPCFaceRule, apply_rule, cosine_matrix
 from methods.mv_softmax import MVSoftmax
 from methods.npcface import NPCFace
@@ -232,3 +232,71 @@ def test_subcenter_weight_layout():
         head.weight[[0, 3, 9]] = torch.tensor([0, 1.0, 0, 0, 0])
     cos = head.class_cosines(torch.tensor([[1.0, 0, 0, 0, 0]]))
     assert cos.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+
+
+def _plain_loss_and_grads(embeddings, centers, labels, rule):
+    """Plain autograd over apply_rule: the independent reference of the fused loss."""
+    e, c = embeddings.detach().requires_grad_(True), centers.detach().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(apply_rule(cosine_matrix(e, c), labels, rule), labels)
+    return (loss, *torch.autograd.grad(loss, (e, c)))
+
+
+def test_center_gradient_is_right_in_every_row_chunk():
+    """Catches: the chunked product + Jacobian of the centers' gradient going wrong past the first chunk
+    (2,500 centers span three 1,024-row chunks, the last one partial)."""
+    torch.manual_seed(3)
+    centers = (torch.randn(2500, 8) * torch.rand(2500, 1) * 3).requires_grad_(True)  # unequal norms
+    labels = torch.randint(0, 2500, (6,))
+    embeddings = (centers.detach()[labels] + torch.randn(6, 8)).requires_grad_(True)
+    rule = ArcFaceRule(s=16.0, m=0.5)
+    fused = margin_softmax_cross_entropy(embeddings, centers, labels, rule)
+    g_emb, g_cen = torch.autograd.grad(fused, (embeddings, centers))
+    loss, p_emb, p_cen = _plain_loss_and_grads(embeddings, centers, labels, rule)
+    assert fused.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert torch.allclose(g_emb, p_emb, atol=1e-12) and torch.allclose(g_cen, p_cen, atol=1e-12)
+
+
+def test_workspace_is_reused_and_changes_no_result():
+    """Catches: a workspace that corrupts a later step (stale values in the reused blocks), and one that
+    allocates afresh every step (the page faults item 7 of issue 14 removed)."""
+    torch.manual_seed(4)
+    workspace, rule = SoftmaxWorkspace(), MVSoftmaxRule(s=16.0)
+    pointers = []
+    for step in range(3):
+        centers = torch.randn(1500, 8, requires_grad=True)
+        labels = torch.randint(0, 1500, (10,))
+        embeddings = (centers.detach()[labels] + torch.randn(10, 8)).requires_grad_(True)
+        loss = margin_softmax_cross_entropy(embeddings, centers, labels, rule, workspace=workspace)
+        loss.backward()
+        pointers.append(centers.grad.data_ptr())
+        ref_loss, ref_emb, ref_cen = _plain_loss_and_grads(embeddings, centers, labels, rule)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12), step
+        assert torch.allclose(embeddings.grad, ref_emb, atol=1e-12), step
+        assert torch.allclose(centers.grad, ref_cen, atol=1e-12), step
+        centers.grad = None
+    assert len(set(pointers)) == 1  # every step's center gradient in the same block
+
+
+def test_workspace_two_forwards_before_backward_keep_their_own_buffers():
+    """Catches: the second forward writing its logits over the first one's saved probabilities."""
+    torch.manual_seed(5)
+    workspace, rule = SoftmaxWorkspace(), CosFaceRule(s=16.0, m=0.3)
+    centers = torch.randn(50, 8)
+    inputs = [(torch.randn(7, 8, requires_grad=True), torch.randint(0, 50, (7,))) for _ in range(2)]
+    losses = [margin_softmax_cross_entropy(e, centers, y, rule, workspace=workspace) for e, y in inputs]
+    for loss, (embeddings, labels) in zip(losses, inputs):
+        (grad,) = torch.autograd.grad(loss, embeddings)
+        ref_loss, ref_emb, _ = _plain_loss_and_grads(embeddings, centers, labels, rule)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+        assert torch.allclose(grad, ref_emb, atol=1e-12)
+
+
+def test_workspace_refuses_a_second_backward_through_one_graph():
+    """Catches: a silent wrong gradient when a graph whose probabilities were overwritten in place is
+    back-propagated again (retain_graph)."""
+    embeddings = torch.randn(4, 8, requires_grad=True)
+    loss = margin_softmax_cross_entropy(embeddings, torch.randn(20, 8), torch.tensor([0, 1, 2, 3]),
+                                        CosFaceRule(s=8.0, m=0.2), workspace=SoftmaxWorkspace())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -41,6 +41,22 @@ def test_sample_rate_one_equals_the_full_head(margin, full_head, update):
     assert torch.allclose(center_grad, full.weight.grad, atol=1e-12)
 
 
+def test_sparse_gradients_accumulate_over_two_backward_passes():
+    """Catches: the second backward pass writing the centers' gradient into the reused block that already
+    holds the first one's (giving twice the second gradient instead of the sum)."""
+    torch.manual_seed(6)
+    head = PartialFC(8, 30, sample_rate=1.0)
+    batches = [(torch.randn(6, 8), torch.randint(0, 30, (6,))) for _ in range(2)]
+    separate = []
+    for x, y in batches:
+        head(x, y).backward()
+        separate.append(head.active_weight.grad.clone())
+        head.step_end()
+    for x, y in batches:
+        head(x, y).backward()
+    assert torch.allclose(head.active_weight.grad, separate[0] + separate[1], atol=1e-12)
+
+
 def test_sampling_keeps_every_positive_and_exact_count():
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):

@@ -23,12 +23,14 @@ def _register_commands() -> None:
     from bench.cli.eval import eval_command
     from bench.cli.listing import list_command
     from bench.cli.report import baseline_app, check_command, profile_command, report_command
+    from bench.cli.reproduce import reproduce_command
     from bench.cli.run import run_command
 
     app.command("run")(run_command)
     app.command("list")(list_command)
     app.add_typer(data_app, name="data")
     app.command("eval")(eval_command)
+    app.command("reproduce")(reproduce_command)
     app.command("report")(report_command)
     app.command("profile")(profile_command)
     app.command("check")(check_command)

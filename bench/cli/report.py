@@ -22,13 +22,24 @@ def report_command(
     out: Path = typer.Option(Path("reports"), "--out", help="Where results.md, results.tex and figures/ are written."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also draw the figures (PNG and PDF)."),
 ) -> None:
-    """Regenerate reports/results.md, reports/results.tex and reports/figures/ from the run records."""
+    """Regenerate reports/results.md, reports/results.tex and reports/figures/ from the run records, and
+    reports/claims.md (.tex, figures/claims.*) from the claims' runs under RESULTS/claims when there are any."""
     from bench.errors import BenchError
     from bench.report.writer import write_report
 
     if not results.is_dir():
         raise BenchError(f"results directory {results} does not exist")
-    for path in write_report(results, out, figures=figures):
+    claims, provenance = None, ""
+    if (results / "claims").is_dir():
+        from bench.repro.claims import load_claims
+        from bench.repro.judge import judge, seeds_in
+        from bench.repro.reproduce import load_options
+
+        options, seeds = load_options(results / "claims"), seeds_in(results / "claims")
+        claims = judge(load_claims(), seeds, results / "claims", options["budget"], options["overrides"])
+        provenance = (f"Runs under `{results / 'claims'}` (`bench reproduce`), seeds {', '.join(map(str, seeds))}"
+                      + (f", budget {options['budget']}" if options["budget"] else "") + ".")
+    for path in write_report(results, out, figures=figures, claims=claims, claims_provenance=provenance):
         err.print(f"wrote {path}", soft_wrap=True, highlight=False)
 
 

@@ -43,9 +43,15 @@ def run_command(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the interrupted run RUN_ID (a directory "
                                                                 "under --out, or a path) from its newest "
                                                                 "checkpoint; other flags are taken from the run."),
+    force: bool = typer.Option(False, "--force", help="Train every (method, seed) again, even when a complete "
+                                                      "record with the same config fingerprint exists under "
+                                                      "--out (by default it is reused, not retrained)."),
     progress: ProgressOption = True,
 ) -> None:
     """Train each method on the same data, backbone and budget, evaluate it, and print the results table.
+
+    A (method, seed) whose complete record with the same configuration fingerprint exists under --out is
+    reused, not retrained (--force retrains).
 
     Progress: a bar on a terminal, else plain lines (each tenth of the run, or FACEBENCH_PROGRESS_INTERVAL_S=30 s).
 
@@ -71,7 +77,7 @@ def run_command(
                          batch_size=batch_size, seed=seed, device=device, eval=eval, out=out, data_root=data_root,
                          ckpt_every=ckpt_every)
             cfg = load_config(config, run_overrides(flags, set_))
-            runs, results_dir = run_benchmark(cfg, console=err, progress=progress, seeds=seeds), Path(cfg.out)
+            runs, results_dir = run_benchmark(cfg, console=err, progress=progress, seeds=seeds, force=force), Path(cfg.out)
     finally:
         shutdown()
     if runs:  # rank 0 (the only process, or rank 0 of a torchrun launch)

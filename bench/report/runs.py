@@ -2,10 +2,11 @@
 
 Run records become one row each (:func:`record_row`); per configuration key (dataset, split, backbone,
 budget, method) the newest configuration wins and the newest run per seed is kept (:func:`select_runs`);
-rows are averaged over seeds (:func:`aggregate`); :func:`provenance` is the one-line provenance of rows,
-:func:`provenance_line` that of one ``bench profile`` record, and :func:`profile_records` picks the newest
-profile record per device. Read by :mod:`bench.report.tables`, :mod:`bench.report.figures`,
-:mod:`bench.report.profile_table` and :mod:`bench.check` (ours: it used to live in ``tables.py``, which the
+rows are averaged over seeds, each metric with its 95 % interval (:func:`aggregate`: Student's t over the
+seeds, or with one seed a bootstrap over the 10 folds of an accuracy; ours, issue 15); :func:`provenance` is
+the one-line provenance of rows, :func:`provenance_line` that of one ``bench profile`` record, and
+:func:`profile_records` picks the newest profile record per device. Read by :mod:`bench.report.tables`,
+:mod:`bench.report.figures`, :mod:`bench.report.profile_table` and :mod:`bench.check` (ours: it used to live in ``tables.py``, which the
 figures imported while it imported them, an import circle).
 """
 
@@ -22,12 +23,18 @@ import pandas as pd
 
 from bench.errors import DataError
 from bench.records import iter_records, warn_broken_record
+from bench.stats import bootstrap_interval, t_interval
 
 #: Columns identifying a comparable configuration; rows differing only in ``method`` compare methods.
 KEY_COLUMNS = ["dataset", "split", "backbone", "budget", "method"]
 #: Rows sharing these columns are compared with each other (best value bold).
 GROUP_COLUMNS = KEY_COLUMNS[:-1]
 COST_COLUMNS = ["img/s", "peak MiB", "train s"]
+#: Suffixes of the columns derived from a metric column (its spread, fold accuracies and interval): never
+#: metrics themselves.
+DERIVED_SUFFIXES = (" sd", " acc std", " acc folds", " ci low", " ci high", " ci kind")
+#: ``<column> ci kind``: the interval is Student's t over the seeds, or a bootstrap over one seed's folds.
+CI_OVER_SEEDS, CI_OVER_FOLDS = "t", "folds"
 #: Configuration entries that do not change a row's results: the seed (aggregated over), the run's identity,
 #: the other methods of its run, where files are, devices and thread counts, logging.
 _NOT_CONFIGURATION = {"run_id", "group", "config_fingerprint", "out", "steps", "methods"}
@@ -76,7 +83,8 @@ def _float(value: Any) -> float | None:
 
 
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
-    """Flatten one run record into a table row."""
+    """Flatten one run record into a table row; a verification protocol's fold accuracies stay a list in
+    ``<protocol> acc folds``, for the interval of a single seed (:func:`aggregate`)."""
     config, perf, metrics = record["config"] or {}, record["perf"] or {}, record["metrics"] or {}
     env = record.get("env") or {}
     row: dict[str, Any] = {
@@ -107,6 +115,7 @@ def record_row(record: dict[str, Any]) -> dict[str, Any]:
         if "accuracy" in values:
             row[f"{protocol} acc"] = values["accuracy"]
             row[f"{protocol} acc std"] = values.get("accuracy_std")
+            row[f"{protocol} acc folds"] = values.get("fold_accuracies")
         for far, tar in (values.get("tar_at_far") or {}).items():
             row[f"{protocol} TAR@FAR={far}"] = tar
     return row
@@ -148,8 +157,7 @@ def results_frame(results_dir: Path) -> pd.DataFrame:
 def metric_columns(frame: pd.DataFrame) -> list[str]:
     """The quality metrics among ``frame``'s columns (accuracies, TAR@FAR, rank-N), in column order."""
     return [c for c in frame.columns
-            if (" acc" in c and not c.endswith((" acc std", " sd"))) or ("TAR@" in c and not c.endswith(" sd"))
-            or (" rank-" in c and not c.endswith(" sd"))]
+            if (" acc" in c or "TAR@" in c or " rank-" in c) and not c.endswith(DERIVED_SUFFIXES)]
 
 
 def select_runs(frame: pd.DataFrame) -> pd.DataFrame:
@@ -168,9 +176,43 @@ def _join(values: pd.Series) -> str:
     return ", ".join(unique)
 
 
+def _fold_accuracies(value: Any) -> list[float] | None:
+    """A run's ``<protocol> acc folds`` as floats, None when the record has none (older records) or they
+    are not numbers."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _metric_interval(values: pd.Series, runs: pd.DataFrame, column: str) -> tuple[float, float, str]:
+    """The 95 % interval of metric ``column`` over ``values`` (its per-seed values, indexed like ``runs``)
+    and its kind (ours: issue 15, so that no number is shown without its uncertainty):
+
+    - two seeds or more: Student's t interval of the mean over the seeds (:func:`bench.stats.t_interval`);
+    - one seed, an accuracy whose record holds its fold accuracies: the percentile bootstrap interval of the
+      mean over the folds (:func:`bench.stats.bootstrap_interval`);
+    - else NaN and kind ``""``.
+    """
+    if len(values) >= 2:
+        interval = t_interval(values.to_numpy())
+        return interval.low, interval.high, CI_OVER_SEEDS
+    folds_column = f"{column} folds"
+    if len(values) == 1 and column.endswith(" acc") and folds_column in runs:
+        folds = _fold_accuracies(runs.at[values.index[0], folds_column])
+        if folds is not None and len(folds) >= 2:
+            low, high = bootstrap_interval(folds)
+            return low, high, CI_OVER_FOLDS
+    return np.nan, np.nan, ""
+
+
 def aggregate(selected: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration key: mean over seeds, ``<column> sd`` (std over seeds, NaN for one seed),
-    ``seeds`` (n), and the provenance of the runs (run ids, commits, configs, devices, dates)."""
+    for each metric its 95 % interval ``<column> ci low`` / ``<column> ci high`` and ``<column> ci kind``
+    (:func:`_metric_interval`), ``seeds`` (n), and the provenance of the runs (run ids, commits, configs,
+    devices, dates)."""
     if selected.empty:
         return selected
     metrics = metric_columns(selected)
@@ -185,6 +227,9 @@ def aggregate(selected: pd.DataFrame) -> pd.DataFrame:
             row[column] = float(values.mean()) if len(values) else np.nan
             if column in metrics or column in COST_COLUMNS:
                 row[f"{column} sd"] = float(values.std(ddof=1)) if len(values) >= 2 else np.nan
+            if column in metrics:
+                row[f"{column} ci low"], row[f"{column} ci high"], row[f"{column} ci kind"] = \
+                    _metric_interval(values, runs, column)
         for column in ("run_id", "commit", "config", "device", "group"):
             row[column] = _join(runs[column]) if column in runs else ""
         dates = sorted(d for d in runs.get("date", pd.Series([], dtype=object)) if isinstance(d, str))

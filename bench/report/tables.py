@@ -7,10 +7,18 @@ kept, the newest one per seed; the row is their mean over seeds, with the standa
 (sample std, ``ddof=1``) and the number of seeds ``n``. With one seed, the ``±`` of an accuracy is the
 population std over its 10 folds (the insightface protocol) instead.
 
+Every metric cell with an interval shows it in brackets after the value (issue 15):
+``87.15 ± 0.40 [86.65, 87.65]``. With ``n >= 2`` the brackets are the 95 % Student-t confidence interval of
+the mean over the seeds; with ``n = 1`` and an accuracy whose record holds its 10 fold accuracies, they are
+the 95 % percentile bootstrap interval of the mean over the folds (9999 resamples, seed 0); a single-seed
+metric without folds (TAR@FAR, the ``summary`` metrics) has none. The intervals come from
+:func:`bench.report.runs.aggregate` (:mod:`bench.stats`).
+
 Columns: each protocol's headline metrics (synth-lfw / LFW-family accuracy and TAR@FAR; IJB, MegaFace
 and synth-tail give theirs in ``summary``: TAR@FAR 1e-4 and 1e-5, 1:N rank-1, MegaFace rank-1, long-tail
 rank-1 per bucket), throughput, peak memory and training time. Within each group of rows that differ only
-in the method, the best value of every column is bold (higher is better, except memory and time).
+in the method, the best value of every column is bold (higher is better, except memory and time): the mean
+decides, and only ``mean ± std`` is bold, not the interval after it.
 Every table carries a provenance line: git commit, configuration hash, device and date of its runs.
 The rows come from :mod:`bench.report.runs`; :mod:`bench.report.writer` writes the report.
 """
@@ -41,21 +49,37 @@ def _header(column: str) -> str:
     return re.sub(r" (rank-\d+)", r" \1 (%)", column)
 
 
-def _cell(row: pd.Series, column: str) -> tuple[str, float | None]:
-    """The displayed text of one metric or cost cell, and the rounded value used to find the best."""
+def _interval_text(row: pd.Series, column: str) -> str:
+    """``[low, high]`` of a metric's 95 % interval in percent (``<column> ci low`` / ``ci high`` of
+    :func:`bench.report.runs.aggregate`), or ``""`` when it has none."""
+    low, high = row.get(f"{column} ci low"), row.get(f"{column} ci high")
+    if low is None or high is None or pd.isna(low) or pd.isna(high):
+        return ""
+    return f"[{100 * float(low):.2f}, {100 * float(high):.2f}]"
+
+
+def _cell(row: pd.Series, column: str) -> tuple[str, str, float | None]:
+    """The displayed text of one metric or cost cell (``mean ± std``), its interval text (``[low, high]``,
+    or ``""``), and the rounded value used to find the best."""
     value = row.get(column)
     if value is None or pd.isna(value):
-        return "", None
+        return "", "", None
     seed_sd = row.get(f"{column} sd")
     if column in COST_COLUMNS:
-        return f"{value:.0f}", round(float(value))
+        return f"{value:.0f}", "", round(float(value))
     shown = round(100 * float(value), 2)
+    interval = _interval_text(row, column)
     if seed_sd is not None and not pd.isna(seed_sd):
-        return f"{shown:.2f} ± {100 * seed_sd:.2f}", shown
+        return f"{shown:.2f} ± {100 * seed_sd:.2f}", interval, shown
     fold_sd = row.get(f"{column} std") if column.endswith(" acc") else None
     if fold_sd is not None and not pd.isna(fold_sd):
-        return f"{shown:.2f} ± {100 * fold_sd:.2f}", shown
-    return f"{shown:.2f}", shown
+        return f"{shown:.2f} ± {100 * fold_sd:.2f}", interval, shown
+    return f"{shown:.2f}", interval, shown
+
+
+def _with_interval(text: str, interval: str) -> str:
+    """A cell's text followed by its interval, if any."""
+    return f"{text} {interval}" if interval else text
 
 
 def _best_mask(frame: pd.DataFrame, column: str, values: list[float | None]) -> list[bool]:
@@ -75,18 +99,20 @@ def _best_mask(frame: pd.DataFrame, column: str, values: list[float | None]) -> 
     return best
 
 
-def display_table(frame: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, bool]]], list[str]]:
-    """Headers, cells as (text, is_best), and the internal column name of each displayed column."""
+def display_table(frame: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, str, bool]]], list[str]]:
+    """Headers, cells as (text, interval text, is_best), and the internal column name of each displayed
+    column; a writer bolds the text of a best cell, not its interval."""
     metrics = metric_columns(frame)
     columns = KEY_COLUMNS + ["seeds"] + metrics + COST_COLUMNS
     headers = KEY_COLUMNS + ["n"] + [_header(c) for c in metrics] + COST_COLUMNS
-    cells: list[list[tuple[str, bool]]] = [[(str(row[c]), False) for c in KEY_COLUMNS] + [(str(row["seeds"]), False)]
-                                           for _, row in frame.iterrows()]
+    cells: list[list[tuple[str, str, bool]]] = [
+        [(str(row[c]), "", False) for c in KEY_COLUMNS] + [(str(row["seeds"]), "", False)]
+        for _, row in frame.iterrows()]
     for column in metrics + COST_COLUMNS:
         shown = [_cell(row, column) for _, row in frame.iterrows()]
-        best = _best_mask(frame, column, [value for _, value in shown])
-        for line, (text, _), is_best in zip(cells, shown, best):
-            line.append((text, is_best))
+        best = _best_mask(frame, column, [value for _, _, value in shown])
+        for line, (text, interval, _), is_best in zip(cells, shown, best):
+            line.append((text, interval, is_best))
     return headers, cells, columns
 
 
@@ -100,7 +126,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no complete runs)"
     headers, cells, _ = display_table(frame)
-    text = [[f"**{t}**" if best and t else t for t, best in line] for line in cells]
+    text = [[_with_interval(f"**{t}**" if best and t else t, interval) for t, interval, best in line]
+            for line in cells]
     return tabulate(text, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
@@ -114,8 +141,9 @@ def to_latex(frame: pd.DataFrame, caption_line: str | None = None) -> str:
     lines = [f"\\begin{{tabular}}{{{align}}}", "\\toprule",
              " & ".join(latex_escape(h) for h in headers) + " \\\\", "\\midrule"]
     for line in cells:
-        lines.append(" & ".join(f"\\textbf{{{latex_escape(t)}}}" if best and t else latex_escape(t)
-                                for t, best in line) + " \\\\")
+        lines.append(" & ".join(_with_interval(f"\\textbf{{{latex_escape(t)}}}" if best and t else latex_escape(t),
+                                               latex_escape(interval))
+                                for t, interval, best in line) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
     if caption_line:
         lines.insert(0, "% " + caption_line)
@@ -123,8 +151,10 @@ def to_latex(frame: pd.DataFrame, caption_line: str | None = None) -> str:
 
 
 TABLE_NOTE = ("Newest configuration per (dataset, split, backbone, budget, method); n = seeds. Metrics: mean ± std "
-              "over seeds (sample std); with n = 1, the ± of an accuracy is the population std over its 10 folds "
-              "(insightface protocol). Bold: best in its group of rows that differ only in the method. Peak "
-              "memory: CUDA max allocated, or process peak RSS on CPU.")
+              "over seeds (sample std) [95 % confidence interval of the mean: Student's t over the n seeds]; with "
+              "n = 1, the ± of an accuracy is the population std over its 10 folds (insightface protocol) and the "
+              "brackets are the 95 % percentile bootstrap interval of the mean over those folds (9999 resamples); "
+              "a single-seed metric without folds (TAR@FAR, rank-N) has no brackets. Bold: best mean in its group "
+              "of rows that differ only in the method. Peak memory: CUDA max allocated, or process peak RSS on CPU.")
 
 

@@ -11,20 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.report.claims import ClaimRow, write_claims_files
 from bench.report.profile_table import profile_section
 from bench.report.runs import load_records, provenance, runs_frame, summary_frame
 from bench.report.staging import StagedFiles
 from bench.report.tables import TABLE_NOTE, to_latex, to_markdown
 
-def write_report(results_dir: Path, out_dir: Path, figures: bool = True) -> list[Path]:
-    """Write ``results.md`` and ``results.tex`` (and the figures under ``figures/``); returns their paths.
+def write_report(results_dir: Path, out_dir: Path, figures: bool = True, claims: list[ClaimRow] | None = None,
+                 claims_provenance: str = "") -> list[Path]:
+    """Write ``results.md`` and ``results.tex`` (and the figures under ``figures/``); with ``claims`` (rows
+    judged by :func:`bench.repro.judge.judge`) also ``claims.md``, ``claims.tex`` and ``figures/claims.*``.
+    Returns their paths.
 
     All files or none replace the previous report (:class:`bench.report.staging.StagedFiles`).
     """
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     records = load_records(results_dir)
     with StagedFiles(out_dir) as files:
-        return _write_report_files(records, results_dir, out_dir, figures, files)
+        written = _write_report_files(records, results_dir, out_dir, figures, files)
+        if claims is not None:
+            written += write_claims_files(claims, out_dir, files, claims_provenance, figure=figures)
+        return written
 
 
 def _write_report_files(records: list[dict[str, Any]], results_dir: Path, out_dir: Path, figures: bool,

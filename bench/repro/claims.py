@@ -1,0 +1,241 @@
+"""The claims registry: what each paper claims, on which setting, between which arms, judged on which metric.
+
+One YAML file per paper in ``bench/repro/claims/`` (documented in README, "Reproduction verdicts"):
+
+.. code-block:: yaml
+
+    paper:
+      key: sst
+      citation: "Du et al., Semi-Siamese Training for Shallow Face Learning, ECCV 2020"
+    claims:
+      - id: sst-shallow
+        claim: "SST beats conventional training on shallow data"   # one sentence
+        where: "Sec. 4.3, Table 3"                                   # where the paper makes it
+        metric: synth-lfw acc        # a results column (bench.report.runs.record_row)
+        relation: better             # A better than B; or: equivalent, with eps and eps_reason
+        set: {data.split.name: shallow, train.budget: 40000}   # the setting: config overrides, as --set
+        a: {method: sst}
+        b: {method: arcface, params: {s: 64.0}}
+        comparisons:                 # optional: one verdict per comparison, each with its own setting
+          - {name: shallow, set: {data.split.name: shallow}}
+          - {name: longtail, set: {data.split.name: longtail}, b: {method: sst}}
+        requires: [prototype_memory.mining]   # optional: parameters that must exist to run it
+
+Each comparison (or the claim itself when it lists none) is judged on its own: arm A and arm B, each a
+method, its parameters and optional overrides of its own (``set``), over the claim's setting. Seed ``k``
+of every arm trains with ``train.seed = k`` and ``data.split.seed = k``: the arms of one seed share the
+split and the data order (paired), and the seeds vary both. ``--budget`` of ``bench reproduce`` replaces
+every claim's ``train.budget``.
+
+The registry builds configurations (:func:`arm_config`) but runs nothing and reads no record: running is
+:mod:`bench.repro.reproduce`, judging :mod:`bench.repro.judge`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.config import RunConfig, load_config
+from bench.stats import RELATIONS
+from methods.registry import ConfigError
+
+#: The registry shipped with FaceBench.
+CLAIMS_DIR = Path(__file__).resolve().parent / "claims"
+#: Where ``bench reproduce`` writes its runs by default: apart from ``bench run``'s, so that arms that
+#: differ only in a parameter or a data option do not mix into the method tables.
+CLAIMS_RESULTS = "results/claims"
+#: The setting every claim starts from, below its own (ours, README "Reproduction verdicts"): a budget of
+#: 40,000 samples (2 epochs of the full split, 20 of the shallow one; about 40 s per run on the 2-core CPU,
+#: so that the registry at 5 seeds fits in 2 hours) and the two protocols the claims are judged on, so
+#: that runs are shared between claims (the protocols are part of a run's configuration).
+REGISTRY_SETTING: dict[str, Any] = {"train.budget": 40_000, "eval.protocols": ["synth-lfw", "synth-ijbc"]}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One side of a comparison: a method, its parameters, and overrides of the setting for this arm."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    set: dict[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        """``pfc(sample_rate=0.1)``, plus its own overrides (``arcface [data.split.name=full]``)."""
+        text = self.method + (f"({', '.join(f'{k}={v}' for k, v in self.params.items())})" if self.params else "")
+        return text + (f" [{', '.join(f'{k}={v}' for k, v in self.set.items())}]" if self.set else "")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A judged pair of arms: ``a`` against ``b`` over ``set`` (the claim's setting with this one's)."""
+
+    claim: Claim
+    name: str
+    set: dict[str, Any]
+    a: Arm
+    b: Arm
+
+    @property
+    def row_id(self) -> str:
+        return self.claim.id if not self.name else f"{self.claim.id}/{self.name}"
+
+    def setting_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.set.items())
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper_key: str
+    citation: str
+    claim: str
+    where: str
+    metric: str
+    relation: str
+    eps: float | None
+    eps_reason: str
+    requires: tuple[str, ...]
+    source: Path
+    comparisons: tuple[Comparison, ...] = ()
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _arm(raw: Any, where: str) -> Arm:
+    raw = _mapping(raw, where)
+    unknown = set(raw) - {"method", "params", "set"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: method, params, set")
+    if not isinstance(raw.get("method"), str):
+        raise ConfigError(f"{where}: an arm needs 'method' (a method name)")
+    return Arm(raw["method"], _mapping(raw.get("params"), f"{where}.params"), _mapping(raw.get("set"), f"{where}.set"))
+
+
+_CLAIM_KEYS = {"id", "claim", "where", "metric", "relation", "eps", "eps_reason", "set", "a", "b", "comparisons",
+               "requires"}
+
+
+def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
+    where = f"{source}: claims[{index}]"
+    raw = _mapping(raw, where)
+    unknown = set(raw) - _CLAIM_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_CLAIM_KEYS))}")
+    for key in ("id", "claim", "where", "metric", "relation"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise ConfigError(f"{where}: '{key}' is required (a non-empty string)")
+    where = f"{source}: claim '{raw['id']}'"
+    if raw["relation"] not in RELATIONS:
+        raise ConfigError(f"{where}: relation must be one of {', '.join(RELATIONS)}, got {raw['relation']!r}")
+    eps = raw.get("eps")
+    if raw["relation"] == "equivalent":
+        if not isinstance(eps, (int, float)) or eps <= 0 or not str(raw.get("eps_reason", "")).strip():
+            raise ConfigError(f"{where}: an equivalence needs eps > 0 (in the metric's units, a fraction) and "
+                              f"eps_reason (why that margin)")
+    elif eps is not None:
+        raise ConfigError(f"{where}: eps is only for relation 'equivalent'")
+    requires = raw.get("requires") or []
+    if not isinstance(requires, list) or not all(isinstance(r, str) and r.count(".") == 1 for r in requires):
+        raise ConfigError(f"{where}: requires must be a list of 'method.parameter' names")
+    claim = Claim(id=raw["id"], paper_key=paper["key"], citation=paper["citation"], claim=raw["claim"].strip(),
+                  where=raw["where"], metric=raw["metric"], relation=raw["relation"],
+                  eps=float(eps) if eps is not None else None, eps_reason=str(raw.get("eps_reason", "")).strip(),
+                  requires=tuple(requires), source=source)
+    base_set = _mapping(raw.get("set"), f"{where}.set")
+    entries = raw.get("comparisons") or [{"name": ""}]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: comparisons must be a list")
+    comparisons = []
+    for number, entry in enumerate(entries):
+        entry = _mapping(entry, f"{where}.comparisons[{number}]")
+        unknown = set(entry) - {"name", "set", "a", "b"}
+        if unknown:
+            raise ConfigError(f"{where}.comparisons[{number}]: unknown key(s) {', '.join(sorted(unknown))}")
+        a_raw, b_raw = entry.get("a", raw.get("a")), entry.get("b", raw.get("b"))
+        if a_raw is None or b_raw is None:
+            raise ConfigError(f"{where}: every comparison needs arms 'a' and 'b'")
+        comparisons.append(Comparison(claim, str(entry.get("name", "")),
+                                      {**base_set, **_mapping(entry.get("set"), f"{where}.comparisons[{number}].set")},
+                                      _arm(a_raw, f"{where}.a"), _arm(b_raw, f"{where}.b")))
+    object.__setattr__(claim, "comparisons", tuple(comparisons))
+    return claim
+
+
+def load_claims(directory: Path = CLAIMS_DIR) -> list[Claim]:
+    """Every claim of every ``*.yaml`` in ``directory``, in file then listing order (ids unique)."""
+    claims: list[Claim] = []
+    files = sorted(Path(directory).glob("*.yaml"))
+    if not files:
+        raise ConfigError(f"{directory}: no claim files (*.yaml)")
+    for path in files:
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raw = _mapping(raw, str(path))
+        paper = _mapping(raw.get("paper"), f"{path}: paper")
+        if not isinstance(paper.get("key"), str) or not isinstance(paper.get("citation"), str):
+            raise ConfigError(f"{path}: 'paper' needs 'key' and 'citation'")
+        entries = raw.get("claims")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{path}: 'claims' must be a non-empty list")
+        claims += [_claim(entry, paper, path, i) for i, entry in enumerate(entries)]
+    seen: set[str] = set()
+    for claim in claims:
+        if claim.id in seen:
+            raise ConfigError(f"{claim.source}: claim id '{claim.id}' is used twice")
+        seen.add(claim.id)
+    return claims
+
+
+def select_claims(claims: list[Claim], ids: list[str] | None) -> list[Claim]:
+    """The claims named in ``ids`` (all when None), in registry order; an unknown id is one line."""
+    if not ids:
+        return claims
+    known = {c.id for c in claims}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise ConfigError(f"unknown claim id(s) {', '.join(unknown)}; valid: {', '.join(c.id for c in claims)}")
+    return [c for c in claims if c.id in ids]
+
+
+def missing_requirements(claim: Claim) -> list[str]:
+    """The ``method.parameter`` names a claim requires that no method has yet (README: "not yet runnable")."""
+    from methods.base import METHODS  # imports torch: only when claims are run or judged
+
+    missing = []
+    for requirement in claim.requires:
+        method, param = requirement.split(".")
+        if method not in METHODS or param not in METHODS.get(method).resolve_params(None):
+            missing.append(requirement)
+    return missing
+
+
+def arm_config(comparison: Comparison, arm: Arm, seed: int, budget: int | None = None,
+               out: str = CLAIMS_RESULTS, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration of ``arm`` of ``comparison`` with seed ``seed`` (see the module docstring).
+
+    Precedence: defaults < :data:`REGISTRY_SETTING` < the claim's and comparison's setting < the arm's own
+    ``set`` < ``budget`` and ``overrides`` (``bench reproduce --budget`` / ``--set``) < the seed, the method
+    and ``out``."""
+    values: dict[str, Any] = {**REGISTRY_SETTING, **comparison.set, **arm.set}
+    if budget is not None:
+        values["train.budget"] = budget
+    values.update(overrides or {})
+    values.update({"methods": [arm.method], "train.seed": seed, "data.split.seed": seed, "out": out})
+    for param, value in arm.params.items():
+        values[f"method_params.{arm.method}.{param}"] = value
+    try:
+        return load_config(None, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{comparison.claim.source}: claim '{comparison.row_id}', arm {arm.label()}: {exc}") from None
