@@ -101,7 +101,9 @@ def test_a_complete_run_is_reused_and_force_retrains(tmp_path, tiny_args):
     assert again.exit_code == 0, again.output
     assert _files_state(results) == before  # nothing written: no new record, no file of the old one touched
     assert f"reusing the complete record {results / first['run_id']}" in " ".join(again.output.split())
-    assert first["run_id"] in again.stdout  # the table shows the reused run
+    shown = [line for line in again.stdout.splitlines() if line.startswith("| synthface")]
+    assert len(shown) == 1 and "| cosface " in shown[0]  # the table shows the reused run
+    assert f"{100 * first['metrics']['synth-lfw']['accuracy']:.2f}" in shown[0]
     # One more seed trains only that seed; another configuration trains anew.
     assert _invoke(["run", "--methods", "cosface", "--seeds", "2", *tiny_args]).exit_code == 0
     assert sorted(r["config"]["train"]["seed"] for r in iter_records(results)) == [0, 1]
@@ -147,8 +149,8 @@ def captured_runs(monkeypatch) -> list[dict[str, Any]]:
     runner's arguments), so each flag's effect is read from the config itself, not from help text."""
     calls: list[dict[str, Any]] = []
 
-    def record_run(cfg, console=None, progress=True, seeds=1):
-        calls.append({"cfg": cfg, "progress": progress, "seeds": seeds})
+    def record_run(cfg, console=None, progress=True, seeds=1, force=False):
+        calls.append({"cfg": cfg, "progress": progress, "seeds": seeds, "force": force})
         return []
 
     def record_resume(run_dir, console=None, progress=True):
@@ -231,6 +233,12 @@ def test_progress_flag_reaches_the_runner(captured_runs):
     assert _resolved(captured_runs, ["--no-progress"])["progress"] is False
 
 
+def test_force_flag_reaches_the_runner(captured_runs):
+    """``--force`` retrains instead of reusing complete records (default: reuse)."""
+    assert _resolved(captured_runs, [])["force"] is False
+    assert _resolved(captured_runs, ["--force"])["force"] is True
+
+
 def test_config_preset_then_flags_override_it(captured_runs, tmp_path):
     """``--config`` (and ``-c``) loads the preset; a flag overrides the preset's value, which a ``--set``
     overrides in turn; a key only the preset sets keeps the preset's value."""
@@ -258,7 +266,7 @@ def test_every_run_flag_has_an_effect_test():
     options = {opt for param in get_command(app).commands["run"].params
                for opt in (*param.opts, *param.secondary_opts)} - {"--help"}
     tested = {args[0] for args, _, _ in FLAG_EFFECTS} | {
-        "--seeds", "--progress", "--no-progress", "--config", "-c", "--resume"}
+        "--seeds", "--progress", "--no-progress", "--config", "-c", "--resume", "--force"}
     assert options == tested
 
 

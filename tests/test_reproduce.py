@@ -20,9 +20,9 @@ def test_reproduce_writes_table_figure_and_run_ids_then_reuses(tmp_path, tiny_ev
     """Catches: a reproduce that trains but writes no claims table or figure, a table without its runs,
     unpaired seeds, and a second call that retrains instead of reusing."""
     results, reports = tmp_path / "claims", tmp_path / "reports"
-    args = ["reproduce", "--claims", "sst-shallow", "--seeds", "2", "--budget", "256", "--out", str(results),
+    args = ["reproduce", "--claims", "sst-shallow", "--seeds", "2", "--budget", "128", "--out", str(results),
             "--reports", str(reports), "--device", "cpu", "--no-progress", "--set", "eval.protocols=synth-lfw",
-            "--set", "train.batch_size=32", "--set", f"data.root={tmp_path / 'data'}"]
+            "--set", "train.batch_size=8", "--set", f"data.root={tmp_path / 'data'}"]
     for item in TINY_SETS:
         args += ["--set", item]
     result = runner.invoke(app, args, catch_exceptions=False)

@@ -275,6 +275,7 @@ VALUE_FAULTS = {
     "data inspect": (["data", "inspect"], "error: bench data inspect: Missing argument 'path'"),
     "list": (["list", "methods", "backbones"], "Got unexpected extra argument"),
     "report": (["report", "--figures=maybe"], "Option '--figures' does not take a value"),
+    "reproduce": (["reproduce", "--seeds", "two"], "Invalid value for '--seeds'"),
 }
 
 
@@ -286,6 +287,28 @@ def test_faults_bad_flag_value_of_every_command(workspace, args, fragment):
     assert_rejected(_invoke(args), fragment)
     workspace.assert_untouched(before)
     assert tree(workspace.root) == cwd_before
+
+
+#: Bad `bench reproduce` input (issue 15): one line, found before any run is planned or written.
+REPRODUCE_FAULTS = {
+    "unknown-claim": (["--claims", "sst-shallow,no-such-claim"], "error: unknown claim id(s) no-such-claim; valid: "),
+    "zero-seeds": (["--seeds", "0"], "error: --seeds must be >= 1, got 0"),
+    "set-wrong-type": (["--claims", "sst-shallow", "--set", "train.lr=fast"],
+                       "'train.lr' must be float, got 'fast'"),
+    "set-unknown-key": (["--claims", "sst-shallow", "--set", "train.speed=3"], "unknown key 'train.speed'"),
+}
+
+
+@pytest.mark.parametrize("extra, fragment", REPRODUCE_FAULTS.values(), ids=REPRODUCE_FAULTS.keys())
+def test_faults_bad_reproduce_input_is_one_line_and_writes_nothing(workspace, extra, fragment):
+    """Catches: a bad claim id, seed count or override reaching the runner (a traceback, or a results or
+    reports directory left behind)."""
+    out, reports = workspace.root / "claims-out", workspace.root / "claims-reports"
+    before = workspace.state()
+    assert_rejected(_invoke(["reproduce", "--out", str(out), "--reports", str(reports), "--no-progress", *extra]),
+                    fragment)
+    workspace.assert_untouched(before)
+    assert not out.exists() and not reports.exists()
 
 
 def test_help_stays_intact():

@@ -512,7 +512,8 @@ def test_faults_concurrent_runs_with_equal_names_keep_their_own_records(shared, 
     shutil.copytree(Path(plain.record["path"]), results / Path(plain.record["path"]).name)
     before = snapshot(results)
     env = hooked_env(run_name_stamp="20260101-000000", tiny_eval=True)
-    procs = [subprocess.Popen(hooked_bench_argv("run", *_args(shared, results)), cwd=tmp_path, env=env,
+    # --force: the earlier record in the directory has this configuration and seed, and would be reused
+    procs = [subprocess.Popen(hooked_bench_argv("run", *_args(shared, results, "--force")), cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for proc in procs:
         _, stderr = proc.communicate(timeout=600)
@@ -645,7 +646,7 @@ def test_faults_disk_full_writing_metrics_is_one_line_and_resumable(shared, plai
     shutil.copytree(Path(plain.record["path"]), seed / Path(plain.record["path"]).name)
     before_seed = snapshot(seed)
     results, at_fault = tmp_path / "results", tmp_path / "at-fault.json"
-    argv = hooked_bench_argv("run", *_args(shared, results))
+    argv = hooked_bench_argv("run", *_args(shared, results, "--force"))  # the seeded record would be reused
     done = run_on_small_fs(results, _kib(seed) + _checkpoint_kib(plain) * 4 + 1024, argv, seed_from=seed,
                            env=hooked_env(tiny_eval=True, fill_disk_before="metrics.json",
                                           snapshot_to=str(at_fault)))
