@@ -36,6 +36,8 @@ def test_reproduce_writes_table_figure_and_run_ids_then_reuses(tmp_path, tiny_ev
     row = next(line for line in claims_md.splitlines() if line.startswith("| sst-shallow"))
     assert re.search(r"(reproduced|contradicted|inconclusive)", row)
     assert re.search(r"\| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] +\| 2 ", row)  # difference, CI, n
+    commit = records[0]["env"]["git_commit"][:12]
+    assert f"Provenance of the runs: git commit {commit}" in claims_md
     for record in records:  # every run named with its fingerprint
         assert f"{record['run_id']} ({record['config']['config_fingerprint']})" in claims_md
     assert (reports / "figures" / "claims.png").stat().st_size > 0

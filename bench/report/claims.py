@@ -59,13 +59,16 @@ class ClaimRow:
     seeds_requested: int = 0
     missing: list[str] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
+    #: ``commit``, ``device``, ``date``: the distinct values among the runs behind the row.
+    origins: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def judged(self) -> bool:
         return self.status == "judged"
 
     def relation_text(self) -> str:
-        return "A > B" if self.relation == "better" else f"|A - B| < {100 * (self.eps or 0):.2g}"
+        # no "|": it would split a Markdown table cell
+        return "A > B" if self.relation == "better" else f"A ≈ B within ±{100 * (self.eps or 0):.2g}"
 
 
 def _points(value: float) -> str:
@@ -99,11 +102,26 @@ def _cells(row: ClaimRow) -> list[str]:
 HEADERS = ["id", "paper", "claim", "setting", "arms", "metric", "A - B (points) [95% CI]", "n", "verdict"]
 
 
+def runs_provenance(rows: list[ClaimRow]) -> str:
+    """One line: the git commits, devices and dates of every run behind ``rows``."""
+    def distinct(key: str) -> list[str]:
+        return sorted({value for row in rows for value in row.origins.get(key, [])})
+
+    dates = distinct("date")
+    when = "unknown" if not dates else dates[0][:16].replace("T", " ") + (
+        f" to {dates[-1][:16].replace('T', ' ')}" if dates[-1][:16] != dates[0][:16] else "")
+    commits = [c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in distinct("commit")]
+    return (f"Provenance of the runs: git commit {', '.join(commits) or 'unknown'}; device "
+            f"{', '.join(distinct('device')) or 'unknown'}; date {when}.")
+
+
 def claims_markdown(rows: list[ClaimRow], provenance: str = "") -> str:
     """``reports/claims.md``: the verdict table, the note, and each comparison's runs."""
     parts = ["# FaceBench claims\n", CLAIMS_NOTE + "\n"]
     if provenance:
         parts.append(provenance + "\n")
+    if any(row.runs for row in rows):
+        parts.append(runs_provenance(rows) + "\n")
     if not rows:
         parts.append("(no claims selected)\n")
         return "\n".join(parts)
@@ -156,7 +174,7 @@ def forest_plot(rows: list[ClaimRow]):  # noqa: ANN201 (a matplotlib Figure; mat
         ax.plot([100 * row.mean_difference], [y], marker="o", color=colour, markersize=6, zorder=3)
     ax.axvline(0.0, color="0.2", linewidth=0.8, zorder=1)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{r.id} (n={r.n})" for r in reversed(rows)], fontsize=8)
+    ax.set_yticklabels([f"{r.id} (n={r.n}, {r.metric})" for r in reversed(rows)], fontsize=8)
     ax.set_ylim(-0.7, len(rows) - 0.3)
     ax.set_xlabel("A - B (points of the claim's metric), 95 % CI over paired seeds")
     ax.set_title("FaceBench claims: paired differences and verdicts")

@@ -50,15 +50,17 @@ def judge(claims: list[Claim], seeds: int | Sequence[int], results_dir: Path | s
     return rows
 
 
-def _metric(run_dir: Path, metric: str) -> float | None:
-    """The value of results column ``metric`` of the record in ``run_dir`` (None when absent)."""
+def _metric(run_dir: Path, metric: str) -> tuple[float | None, dict[str, Any]]:
+    """The value of results column ``metric`` of the record in ``run_dir`` (None when absent), and the
+    record's provenance (commit, device, date)."""
     record = read_record(run_dir)
-    value = record_row(record).get(metric) if record is not None else None
+    row = record_row(record) if record is not None else {}
+    origin = {key: row.get(key) for key in ("commit", "device", "date")}
     try:
-        number = float(value)
+        number = float(row.get(metric))
     except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
+        return None, origin
+    return (None if math.isnan(number) else number), origin
 
 
 def _lookup(comparison: Comparison, arm: Arm, seed: int, existing: dict[str, Path], out: str,
@@ -73,12 +75,16 @@ def _judge_comparison(comparison: Comparison, seeds: int | Sequence[int], existi
     claim = comparison.claim
     differences, runs, values = [], [], {"a": [], "b": []}
     missing: list[str] = []
+    origins: dict[str, set[str]] = {}
     requested = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     for seed in requested:
         found, absent = {}, []
         for side, arm in (("a", comparison.a), ("b", comparison.b)):
             fingerprint, directory = _lookup(comparison, arm, seed, existing, out, budget, overrides)
-            value = _metric(directory, claim.metric) if directory is not None else None
+            value, origin = _metric(directory, claim.metric) if directory is not None else (None, {})
+            for key, item in origin.items():
+                if item:
+                    origins.setdefault(key, set()).add(str(item))
             if value is None:
                 absent.append(f"{side.upper()} seed {seed}" + ("" if directory is None else
                                                                 f" ({directory.name} has no '{claim.metric}')"))
@@ -94,9 +100,9 @@ def _judge_comparison(comparison: Comparison, seeds: int | Sequence[int], existi
     interval = t_interval(differences)
     if not differences:
         return _row(comparison, status="no paired seeds" if runs else "no runs", missing=missing, runs=runs,
-                    seeds_requested=len(requested))
+                    seeds_requested=len(requested), origins=origins)
     return _row(comparison, status="judged", interval=interval, missing=missing, runs=runs,
-                seeds_requested=len(requested),
+                seeds_requested=len(requested), origins=origins,
                 verdict=verdict(interval, claim.relation, claim.eps),
                 needed=seeds_needed(interval.mean, interval.sd, claim.relation, claim.eps),
                 tost=tost_p_value(differences, claim.eps) if claim.relation == "equivalent" else None,
@@ -105,7 +111,8 @@ def _judge_comparison(comparison: Comparison, seeds: int | Sequence[int], existi
 
 def _row(comparison: Comparison, status: str, interval=None, missing=(), runs=(), seeds_requested: int = 0,  # noqa: ANN001
          verdict: str | None = None, needed: int | None = None, tost: float | None = None,
-         mean_a: float | None = None, mean_b: float | None = None) -> ClaimRow:
+         mean_a: float | None = None, mean_b: float | None = None,
+         origins: dict[str, set[str]] | None = None) -> ClaimRow:
     claim = comparison.claim
     return ClaimRow(
         id=comparison.row_id, paper=claim.citation, paper_key=claim.paper_key, claim=claim.claim, where=claim.where,
@@ -118,4 +125,5 @@ def _row(comparison: Comparison, status: str, interval=None, missing=(), runs=()
         ci_high=interval.high if interval is not None else math.nan,
         mean_a=mean_a if mean_a is not None else math.nan, mean_b=mean_b if mean_b is not None else math.nan,
         verdict=verdict or status, status=status, seeds_needed=needed, tost_p=tost,
-        seeds_requested=seeds_requested, missing=list(missing), runs=list(runs))
+        seeds_requested=seeds_requested, missing=list(missing), runs=list(runs),
+        origins={key: sorted(values) for key, values in (origins or {}).items()})
