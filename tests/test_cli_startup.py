@@ -180,8 +180,8 @@ def test_shared_options_are_declared_once():
 
     from bench.cli import app
 
-    expected = {"--progress": {"run", "eval", "data pack", "data inspect", "data verify"},
-                "--device": {"run", "eval", "profile"},
+    expected = {"--progress": {"run", "reproduce", "eval", "data pack", "data inspect", "data verify"},
+                "--device": {"run", "reproduce", "eval", "profile"},
                 "--data-root": {"run", "eval", "data verify"},
                 "--results": {"report", "check", "baseline save"}}
     seen: dict[str, dict[str, str]] = {flag: {} for flag in expected}

@@ -194,7 +194,10 @@ def test_run_record_config_reproduces_the_run(tiny_args, tmp_path):
     assert written["methods"] == ["prototype_memory"] and written["method"] == "prototype_memory"
     assert written["method_params"]["prototype_memory"]["memory_size"] == 20
 
-    second = runner.invoke(app, ["run", "--config", str(run_dir / "config.yaml")])
+    # The record's config has the run's fingerprint: without --force the run is reused, not retrained.
+    reused = runner.invoke(app, ["run", "--config", str(run_dir / "config.yaml")])
+    assert reused.exit_code == 0 and f"reusing the complete record {run_dir}" in " ".join(reused.output.split())
+    second = runner.invoke(app, ["run", "--config", str(run_dir / "config.yaml"), "--force"])
     assert second.exit_code == 0, second.output
     records = {r["config"]["run_id"]: r["config"] for r in iter_records(tmp_path / "results")}
     (again,) = [config for run_id, config in records.items() if run_id != record["config"]["run_id"]]
