@@ -239,3 +239,11 @@ def arm_config(comparison: Comparison, arm: Arm, seed: int, budget: int | None =
         return load_config(None, values)
     except ConfigError as exc:
         raise ConfigError(f"{comparison.claim.source}: claim '{comparison.row_id}', arm {arm.label()}: {exc}") from None
+
+
+def arm_fingerprint(comparison: Comparison, arm: Arm, seed: int, budget: int | None = None,
+                    out: str = CLAIMS_RESULTS, overrides: dict[str, Any] | None = None) -> tuple[RunConfig, str]:
+    """:func:`arm_config` and the configuration fingerprint its run record carries (what reuse and the
+    judge look runs up by)."""
+    config = arm_config(comparison, arm, seed, budget, out, overrides)
+    return config, config.for_method(arm.method).resolved().fingerprint()

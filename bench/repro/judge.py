@@ -18,7 +18,7 @@ from typing import Any
 from bench.records import complete_runs_by_fingerprint, read_record
 from bench.report.claims import ClaimRow
 from bench.report.runs import record_row
-from bench.repro.claims import CLAIMS_RESULTS, Arm, Claim, Comparison, arm_config, missing_requirements
+from bench.repro.claims import CLAIMS_RESULTS, Arm, Claim, Comparison, arm_fingerprint, missing_requirements
 from bench.stats import seeds_needed, t_interval, tost_p_value, verdict
 
 
@@ -65,8 +65,7 @@ def _metric(run_dir: Path, metric: str) -> tuple[float | None, dict[str, Any]]:
 
 def _lookup(comparison: Comparison, arm: Arm, seed: int, existing: dict[str, Path], out: str,
             budget: int | None, overrides: dict[str, Any] | None) -> tuple[str, Path | None]:
-    fingerprint = arm_config(comparison, arm, seed, budget, out, overrides).for_method(arm.method).resolved() \
-        .fingerprint()
+    _, fingerprint = arm_fingerprint(comparison, arm, seed, budget, out, overrides)
     return fingerprint, existing.get(fingerprint)
 
 

@@ -21,7 +21,7 @@ from rich.markup import escape
 from bench.config import RunConfig
 from bench.records import atomic_write_json, ensure_writable_dir
 from bench.report.claims import ClaimRow
-from bench.repro.claims import CLAIMS_RESULTS, Claim, arm_config, missing_requirements
+from bench.repro.claims import CLAIMS_RESULTS, Claim, arm_fingerprint, missing_requirements
 from bench.repro.judge import judge
 from bench.runner import run
 from bench.train import NonFiniteLossError
@@ -52,8 +52,7 @@ def plan(claims: list[Claim], seeds: int, budget: int | None = None, out: str = 
                 continue
             for comparison in claim.comparisons:
                 for arm in (comparison.a, comparison.b):
-                    config = arm_config(comparison, arm, seed, budget, out, overrides)
-                    fingerprint = config.for_method(arm.method).resolved().fingerprint()
+                    config, fingerprint = arm_fingerprint(comparison, arm, seed, budget, out, overrides)
                     planned.setdefault(fingerprint, PlannedRun(config, fingerprint,
                                                                f"{arm.label()} seed {seed} ({comparison.setting_text() or 'defaults'})"))
     return list(planned.values())
