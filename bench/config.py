@@ -11,6 +11,10 @@ alias (``pm``) become the registered name (``prototype_memory``); two spellings 
 of a registered method that is not in ``methods`` are allowed (and validated), so one preset can hold the
 parameters of every method and be reused with ``--methods``.
 
+The optimizer keys (``train.lr``, ``momentum``, ``weight_decay``, ``betas``, ``eps``) default to the chosen
+``train.optimizer``'s values (:data:`OPTIMIZER_DEFAULTS`, with their sources): a key no layer sets takes the
+final optimizer's default, a key the optimizer does not use stays ``null`` and may not be set.
+
 The resolved configuration (:meth:`RunConfig.resolved`: every method's parameters with their defaults
 filled in) is saved as ``config.yaml`` in every run record, together with the record's own keys
 (:data:`RECORD_KEYS`), which loading a preset ignores: ``bench run --config results/<run>/config.yaml``
@@ -40,6 +44,24 @@ RECORD_KEYS = ("method", "run_id", "group", "config_fingerprint", "steps", "num_
 
 #: Environment variable that overrides the default data root (``datasets/``).
 DATA_ROOT_ENV = "FACEBENCH_DATA_ROOT"
+
+#: ``train.optimizer`` values and their defaults, applied to the optimizer keys a configuration leaves
+#: unset (``None``); a key an optimizer does not use stays ``None`` (and may not be set).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    # insightface arcface_torch configs/base.py: optimizer "sgd", lr 0.1, weight_decay 5e-4; momentum 0.9
+    # (train_v2.py builds torch.optim.SGD with momentum=0.9 literally).
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    # insightface arcface_torch configs/wf42m_pfc03_40epoch_8gpu_vit_b.py (and the other ViT configs):
+    # optimizer "adamw", lr 0.001, weight_decay 0.1 (also the commented alternative in configs/base.py);
+    # train_v2.py builds torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay), so betas and
+    # eps are torch's defaults: (0.9, 0.999) and 1e-8.
+    "adamw": {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8},
+}
+#: The keys whose default depends on ``train.optimizer``.
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "betas", "eps")
+#: Keys added after run records existed, and the value every earlier run had: left out of the fingerprint at
+#: that value, so that earlier records (results/claims) keep their fingerprint and are still reused.
+FINGERPRINT_NEUTRAL_TRAIN = {"optimizer": "sgd", "betas": None, "eps": None}
 
 #: ``train.device`` values: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (ours: the spellings the harness
 #: resolves; anything else, e.g. ``cuda:x``, would reach ``torch.device`` and fail with a traceback).
@@ -107,9 +129,20 @@ class TrainSettings:
     batch_size: int = 128
     #: Samples seen per method (all views counted); the number of steps is budget // batch_size.
     budget: int = 120_000
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    #: ``sgd`` or ``adamw`` (:data:`OPTIMIZER_DEFAULTS`, which gives each default below its source).
+    optimizer: str = "sgd"
+    #: None: the optimizer's default (sgd 0.1, adamw 1e-3), filled in at construction; a run record shows
+    #: the value used. Presets and --set switch optimizers cleanly: keys they do not set take the final
+    #: optimizer's defaults (:func:`load_config`).
+    lr: float | None = None
+    #: SGD only (None: 0.9).
+    momentum: float | None = None
+    #: None: the optimizer's default (sgd 5e-4, adamw 0.1).
+    weight_decay: float | None = None
+    #: AdamW only (None: [0.9, 0.999]).
+    betas: list[float] | None = None
+    #: AdamW only (None: 1e-8).
+    eps: float | None = None
     #: Linear warm-up over this fraction of the steps, then polynomial decay to 0.
     warmup_fraction: float = 0.05
     lr_power: float = 2.0
@@ -128,6 +161,17 @@ class TrainSettings:
     ckpt_every: int = 1000
     #: Intra-op CPU threads (0: torch's default).
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        """Fill the optimizer keys left unset with the optimizer's defaults (an unknown optimizer is left to
+        :func:`validate`)."""
+        for key, value in OPTIMIZER_DEFAULTS.get(self.optimizer, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, list(value) if isinstance(value, list) else value)
+
+    def with_optimizer(self, optimizer: str) -> TrainSettings:
+        """These settings with ``optimizer`` and all of its defaults (the optimizer keys set here dropped)."""
+        return dataclasses.replace(self, optimizer=optimizer, **{key: None for key in OPTIMIZER_KEYS})
 
 
 @dataclass
@@ -184,7 +228,8 @@ class RunConfig:
         :meth:`resolved` configuration, so that writing a default out does not change it."""
         payload = {k: v for k, v in self.resolved().to_dict().items() if k != "out"}
         payload["train"] = {k: v for k, v in payload["train"].items()
-                            if k not in ("device", "log_every", "ckpt_every")}
+                            if k not in ("device", "log_every", "ckpt_every")
+                            and not (k in FINGERPRINT_NEUTRAL_TRAIN and v == FINGERPRINT_NEUTRAL_TRAIN[k])}
         # Where the files are and how many processes decode them do not change the results.
         payload["data"] = {k: v for k, v in payload["data"].items() if k not in ("path", "workers")}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -194,18 +239,27 @@ def config_from_dict(raw: dict[str, Any], source: str) -> RunConfig:
     """A validated :class:`RunConfig` from a mapping shaped like a preset (``source`` names it in errors);
     the :data:`RECORD_KEYS` of a run record are ignored."""
     cfg = _merge(RunConfig(), _without_record_keys(raw), source=source, prefix="")
-    return _finish(cfg)
+    return _finish(cfg, _train_keys_in(raw))
 
 
 def _without_record_keys(raw: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in raw.items() if key not in RECORD_KEYS}
 
 
-def _finish(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with canonical method names, validated."""
+def _train_keys_in(raw: Any) -> set[str]:
+    """The ``train`` keys a preset-shaped mapping sets."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    return set(train) if isinstance(train, dict) else set()
+
+
+def _finish(cfg: RunConfig, given_train_keys: set[str]) -> RunConfig:
+    """``cfg`` with canonical method names and the final optimizer's defaults for every optimizer key no
+    layer set (``train.optimizer=adamw`` alone gives AdamW's lr and weight decay, not SGD's), validated."""
     from methods.base import METHODS  # imports torch: only when a run is configured
 
-    cfg = dataclasses.replace(cfg, methods=[METHODS.canonical(name) for name in cfg.methods])
+    unset = {key: None for key in OPTIMIZER_KEYS if key not in given_train_keys}
+    cfg = dataclasses.replace(cfg, methods=[METHODS.canonical(name) for name in cfg.methods],
+                              train=dataclasses.replace(cfg.train, **unset))
     validate(cfg)
     return cfg
 
@@ -225,6 +279,7 @@ def _canonical_method_key(key: str, source: str, path: str) -> str:
 def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, then the YAML ``preset`` (if any), then dotted ``overrides`` (``"train.lr": 0.05``)."""
     cfg = RunConfig()
+    given_train_keys: set[str] = set()
     if preset is not None:
         path = Path(preset)
         try:
@@ -237,9 +292,12 @@ def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | No
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
             cfg = _merge(cfg, _without_record_keys(raw), source=str(path), prefix="")
+            given_train_keys |= _train_keys_in(raw)
     for key, value in (overrides or {}).items():
-        cfg = _merge(cfg, _nest(key.split("."), value), source="command line", prefix="")
-    return _finish(cfg)
+        nested = _nest(key.split("."), value)
+        cfg = _merge(cfg, nested, source="command line", prefix="")
+        given_train_keys |= _train_keys_in(nested)
+    return _finish(cfg, given_train_keys)
 
 
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:
@@ -263,8 +321,21 @@ def _merge(obj: Any, raw: dict[str, Any], source: str, prefix: str) -> Any:
         elif key == "method_params":
             updates[key] = _method_params(current, value, source, path)
         else:
-            updates[key] = coerce(value, hints[key], f"{source}: '{path}'")
+            updates[key] = _read(value, hints[key], f"{source}: '{path}'")
     return dataclasses.replace(obj, **updates)
+
+
+def _read(value: Any, hint: Any, what: str) -> Any:
+    """``value`` read as the field type ``hint``: :func:`methods.params.coerce`'s types, plus ``X | None``
+    (null: unset) and ``list[float]`` (a list, or a comma-separated text)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [arg for arg in args if arg is not type(None)]
+    if typing.get_origin(hint) is list and typing.get_args(hint) == (float,):
+        return [coerce(item, float, what) for item in coerce(value, list[str], what)]
+    return coerce(value, hint, what)
 
 
 def _method_params(current: dict[str, dict[str, Any]], value: Any, source: str, path: str) -> dict:
@@ -296,9 +367,7 @@ def validate(cfg: RunConfig) -> None:
     require(t.batch_size >= 2, f"train.batch_size must be >= 2, got {t.batch_size}")
     require(t.budget >= t.batch_size, f"train.budget ({t.budget}) must be >= train.batch_size ({t.batch_size})")
     require(t.embedding_size >= 2, f"train.embedding_size must be >= 2, got {t.embedding_size}")
-    require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
-    require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _validate_optimizer(t)
     require(0 <= t.warmup_fraction < 1, f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
     require(t.lr_power >= 0, f"train.lr_power must be >= 0, got {t.lr_power}")
     require(t.grad_clip_norm >= 0, f"train.grad_clip_norm must be >= 0 (0 disables), got {t.grad_clip_norm}")
@@ -328,6 +397,27 @@ def validate(cfg: RunConfig) -> None:
             f"eval.tar_read_off must be nearest or at_most, got {e.tar_read_off!r}")
     require(len(e.megaface_variants) > 0 and set(e.megaface_variants) <= {"raw", "refined"},
             f"eval.megaface_variants must be raw and/or refined, got {e.megaface_variants}")
+
+
+def _validate_optimizer(t: TrainSettings) -> None:
+    """``train.optimizer`` and its keys: the optimizer is known, every key it uses is set and in range,
+    and no key of another optimizer is set."""
+    require(t.optimizer in OPTIMIZER_DEFAULTS,
+            f"train.optimizer must be one of {', '.join(OPTIMIZER_DEFAULTS)}, got {t.optimizer!r}")
+    uses = OPTIMIZER_DEFAULTS[t.optimizer]
+    for key in OPTIMIZER_KEYS:
+        require(key in uses or getattr(t, key) is None,
+                f"train.{key} does not apply to optimizer {t.optimizer} (its keys: {', '.join(uses)}), "
+                f"got {getattr(t, key)!r}")
+    require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if "momentum" in uses:
+        require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
+    if "betas" in uses:
+        require(len(t.betas) == 2 and all(0 <= beta < 1 for beta in t.betas),
+                f"train.betas must be two values in [0, 1), got {t.betas}")
+    if "eps" in uses:
+        require(t.eps > 0, f"train.eps must be > 0, got {t.eps}")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

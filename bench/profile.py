@@ -58,7 +58,7 @@ DEFAULT_CLASSES = (10_000, 100_000, 300_000, 1_000_000, 2_000_000)
 DEFAULT_CASES = ("arcface", "pfc-0.1", "pfc-0.2", "dcq", "pm", "sst")
 #: Default memory budget: leaves room for the OS and the Python process on a 24 GiB machine (or GPU).
 DEFAULT_BUDGET_GIB = 16.0
-#: The cap of SST's derived queue and of Prototype Memory's derived memory (their module docstrings).
+#: The cap of SST's derived queue (methods/sst.py).
 QUEUE_CAP = 16_384
 Gemm = tuple[int, int, int]
 
@@ -172,7 +172,7 @@ COSTS: dict[str, HeadCost] = {
     # batch prototypes (their logits and gradients).
     "prototype_memory": HeadCost(
         views=lambda p: p["views_per_class"],
-        rows=lambda s, p: p["memory_size"] or min(s.classes, QUEUE_CAP),
+        rows=lambda s, p: p["memory_size"] or max(s.identities, round(p["memory_fraction"] * s.classes)),
         bytes_=lambda s, m: 2 * m * s.embedding_size * FLOAT + 4 * s.batch_size * m * FLOAT + 4 * m * INDEX,
         gemms=lambda s, m: [(s.batch_size, s.embedding_size, m), (s.batch_size, m, s.embedding_size),
                             (s.batch_size, s.embedding_size, s.identities),

@@ -26,9 +26,11 @@ from bench.backbones import BACKBONES, build_backbone
 from bench.checkpoint import Checkpointer, read_manifest, rng_state, set_rng_state
 from bench.config import RunConfig, load_config
 from bench.data.catalog import DATASETS, build_trainset
-from bench.data.datasets import TrainSet
+from bench.curation import Curation, curate_trainset, curation_report
+from bench.data.datasets import TrainData, TrainSet
 from bench.data.loader import BatchLoader
-from bench.data.sampler import ClassBalancedBatchSampler, RandomBatchSampler, RankSlice
+from bench.data.sampler import (ClassBalancedBatchSampler, CuratedSampler, HardClassBatchSampler, RandomBatchSampler,
+                                RankSlice)
 from bench.data.splits import SPLITS
 from bench.eval import PROTOCOLS, build_protocol, check_available, model_input_size
 from bench.distributed import barrier, broadcast_object, check_batch_divides, init_from_environment
@@ -36,7 +38,7 @@ from bench.errors import BenchError, ResultsDirError
 from bench.progress import training_progress
 from bench.records import RunLock, RunRecord, complete_runs_by_fingerprint, ensure_writable_dir, environment
 from bench.train import NonFiniteLossError, Trainer, seed_everything
-from methods.base import METHODS, BatchSpec, Method, MethodContext, build_method
+from methods.base import METHODS, Method, MethodContext, build_method
 from methods.distributed import DistContext
 from methods.registry import ConfigError
 
@@ -104,12 +106,49 @@ def check_protocols(cfg: RunConfig) -> None:
         check_available(name, cfg.data)
 
 
-def make_sampler(spec: BatchSpec, trainset: TrainSet, batch_size: int, seed: int):
+def make_sampler(method: Method, trainset: TrainData, batch_size: int, seed: int,
+                 curation: Curation | None = None):
+    """The sampler serving ``method.batch_spec`` over ``trainset`` (over its kept images after ``curation``,
+    numbering batches on from the curation's step)."""
+    spec = method.batch_spec
+    labels = trainset.labels.numpy()
+    if curation is not None:
+        labels = labels[curation.kept_indices]
     if spec.views_per_class == 1:
-        return RandomBatchSampler(len(trainset), batch_size, seed)
-    return ClassBalancedBatchSampler(trainset.labels.numpy(), batch_size, spec.views_per_class, seed,
-                                     views_with_replacement=spec.views_with_replacement,
-                                     identity_reuse_gap=spec.identity_reuse_gap)
+        sampler = RandomBatchSampler(len(labels), batch_size, seed)
+    elif spec.hard_class_neighbours:
+        sampler = HardClassBatchSampler(labels, batch_size, spec.views_per_class, seed, spec.hard_class_neighbours,
+                                        nearest=lambda classes, count: method.nearest_classes(
+                                            torch.as_tensor(classes), count).cpu().numpy(),
+                                        views_with_replacement=spec.views_with_replacement)
+    else:
+        sampler = ClassBalancedBatchSampler(labels, batch_size, spec.views_per_class, seed,
+                                            views_with_replacement=spec.views_with_replacement,
+                                            identity_reuse_gap=spec.identity_reuse_gap)
+    return sampler if curation is None else CuratedSampler(sampler, curation.kept_indices, curation.step)
+
+
+class _BatchStream:
+    """The batches ``Trainer.fit`` reads, from a loader that can be rebuilt on another sampler mid-run (after
+    a curation step: the next batch comes from the kept images; batches a loader prepared ahead are
+    discarded with it)."""
+
+    def __init__(self, build: Callable[[Any], BatchLoader], sampler: Any) -> None:
+        self._build = build
+        self._loader = build(sampler)
+
+    def use(self, sampler: Any) -> None:
+        self._loader.close()
+        self._loader = self._build(sampler)
+
+    def __iter__(self) -> _BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._loader)
+
+    def close(self) -> None:
+        self._loader.close()
 
 
 def _open_record(results_dir: Path, method_name: str, cfg: RunConfig, dist: DistContext,
@@ -158,11 +197,10 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
             _write_record_files(record, {"config.yaml": config, "env.json": environment(str(device)),
                                          "data.json": trainset.info}, "the run had not started")
 
-        sampler = make_sampler(method.batch_spec, trainset, t.batch_size, t.seed)
         trainer = Trainer(method, t, device, total_steps=steps, dist=dist)
-        resumed_from = 0
+        resumed_from, curation = 0, None
         if resume_dir is not None:
-            resumed_from = _restore(checkpoints, method, trainer, trainset.num_classes)
+            resumed_from, curation = _restore(checkpoints, method, trainer, trainset.num_classes)
             if dist.is_main:
                 for warning in checkpoints.warnings:
                     _warner(console)(warning)
@@ -170,12 +208,28 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
                 console.print(f"  resuming {record.run_id} at step {resumed_from} of {steps} "
                               f"(checkpoint written by {checkpoints.last_good['world_size']} rank(s), "
                               f"now {dist.world_size})")
+        sampler = make_sampler(method, trainset, t.batch_size, t.seed, curation)
         sampler.load_state_dict({**sampler.state_dict(), "batches_served": trainer.steps_done})
-        batches = BatchLoader(trainset, RankSlice(sampler, dist.rank, dist.world_size), device, seed=t.seed,
-                              rank=dist.rank, world_size=dist.world_size)
+        batches = _BatchStream(lambda served: BatchLoader(trainset, RankSlice(served, dist.rank, dist.world_size),
+                                                          device, seed=t.seed, rank=dist.rank,
+                                                          world_size=dist.world_size), sampler)
+        curated: list[Curation] = [curation] if curation is not None else []
+
+        def after_step(step: int) -> None:
+            if curated or method.curation_step != step:
+                return
+            curated.append(curate_trainset(method, trainset, device, step))
+            report = curation_report(curated[0], trainset.labels.numpy(), getattr(trainset, "label_flipped", None))
+            if dist.is_main:
+                _write_record_files(record, {"curation.json": report}, "the run continues")
+                _say_curation(console, method_name, report)
+            kept = make_sampler(method, trainset, t.batch_size, t.seed, curated[0])
+            kept.load_state_dict({**kept.state_dict(), "batches_served": step})
+            batches.use(kept)
 
         def on_checkpoint(step: int) -> None:
-            payload = {"method": method.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state()}
+            payload = {"method": method.state_dict(), "trainer": trainer.state_dict(), "rng": rng_state(),
+                       "curation": curated[0].state() if curated else None}
             if not checkpoints.save(step, payload) and dist.is_main:
                 _warner(console)(checkpoints.failures[-1])
 
@@ -190,9 +244,11 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
                         record.append_jsonl("train.jsonl", entry)
                     bar.update(task, loss=f"{entry['loss']:.3f}", speed=f"{entry['img_s']:.0f}")
 
-                result = trainer.fit(batches, on_log=on_log,
-                                     on_step=lambda step, _: bar.update(task, completed=step),
-                                     on_checkpoint=on_checkpoint)
+                def on_step(step: int, _loss: float | None) -> None:
+                    bar.update(task, completed=step)
+                    after_step(step)
+
+                result = trainer.fit(batches, on_log=on_log, on_step=on_step, on_checkpoint=on_checkpoint)
         except (NonFiniteLossError, ResultsDirError) as exc:  # the run stops; say what is kept
             kept = _kept(checkpoints, resumable=isinstance(exc, ResultsDirError))  # a NaN would come back
             raise type(exc)(f"{exc} ({method_name}, {record.run_id}); {kept}") from None
@@ -209,6 +265,8 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
                     "world_size": dist.world_size, "batch_size": t.batch_size,
                     "views_per_class": method.batch_spec.views_per_class, "resumed_from_step": resumed_from,
                     "checkpoint_failures": checkpoints.failures,
+                    "curation": (curation_report(curated[0], trainset.labels.numpy(),
+                                                 getattr(trainset, "label_flipped", None)) if curated else None),
                     "parameters": {"backbone": _count(backbone.parameters()),
                                    "method_total": _count(method.parameters())}}
             # metrics.json last: its presence marks the record complete.
@@ -244,19 +302,33 @@ def _kept(checkpoints: Checkpointer, resumable: bool = True) -> str:
         else kept
 
 
-def _restore(checkpoints: Checkpointer, method: Method, trainer: Trainer, num_classes: int) -> int:
+def _say_curation(console: Console, method_name: str, report: dict[str, Any]) -> None:
+    """One console line on a curation: what was dropped and, with known label noise, how well."""
+    line = (f"  {method_name}: curated the training data after step {report['step']}: dropped {report['dropped']} "
+            f"of {report['images']} images, {report['classes_removed']} classes emptied")
+    noise = report.get("label_noise")
+    if noise and noise["precision"] is not None and noise["recall"] is not None:
+        line += (f"; against the {noise['flipped']} flipped labels: precision {noise['precision']:.3f}, "
+                 f"recall {noise['recall']:.3f}")
+    console.print(line, soft_wrap=True, highlight=False)
+
+
+def _restore(checkpoints: Checkpointer, method: Method, trainer: Trainer,
+             num_classes: int) -> tuple[int, Curation | None]:
     """Load the newest readable checkpoint into ``method``, ``trainer`` and the global RNGs; the step it was
-    written at. A payload that does not fit this run's method is one BenchError line."""
+    written at and the curation done by then (None: none). A payload that does not fit this run's method is
+    one BenchError line."""
     payload = checkpoints.load(method.sharded_state_keys(), num_classes)
     try:
         method.load_state_dict(payload["method"])
         trainer.load_state_dict(payload["trainer"])
         set_rng_state(payload["rng"])
+        curation = Curation.from_state(payload["curation"]) if payload.get("curation") else None
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
         detail = " ".join(str(exc).split())[:200]
         raise BenchError(f"{checkpoints.directory}: the checkpoint at step {checkpoints.last_good['step']} does "
                          f"not fit this run ({type(exc).__name__}: {detail})") from None
-    return trainer.steps_done
+    return trainer.steps_done, curation
 
 
 def _count(params) -> int:

@@ -1,7 +1,9 @@
-"""The training loop shared by every method: device, AMP, SGD, warm-up + polynomial LR, meters.
+"""The training loop shared by every method: device, AMP, optimizer, warm-up + polynomial LR, meters.
 
-Recipe (insightface arcface_torch train_v2.py, with the choices recorded in every run record):
-SGD with momentum 0.9 and weight decay 5e-4 over all parameter groups; the LR warms up linearly and then
+Recipe (insightface arcface_torch train_v2.py, with the choices recorded in every run record): one
+optimizer over all parameter groups, ``train.optimizer``: SGD with momentum 0.9 and weight decay 5e-4
+(default), or AdamW with lr 1e-3, weight decay 0.1 and torch's betas and eps (insightface's ViT configs;
+defaults and sources in :data:`bench.config.OPTIMIZER_DEFAULTS`); the LR warms up linearly and then
 decays as ``(1 - progress) ** power``, stepped every iteration; the backbone's gradient norm is clipped
 (5.0); on CUDA, float16 autocast with a GradScaler. The step is split into three timed phases: ``data``
 (fetching and moving the batch), ``forward_backward``, ``optimizer`` (clip, step, the method's
@@ -31,6 +33,7 @@ from bench.profiling import PeakMemory, StepTimer
 from methods.base import Method
 from bench.distributed import all_gather_objects, average_gradients, mean_over_ranks
 from methods.distributed import DistContext
+from methods.registry import ConfigError
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -59,9 +62,27 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, power: float) -> f
     return max(0.0, 1.0 - (step - warmup_steps) / decay_steps) ** power
 
 
-def build_optimizer(method: Method, settings: TrainSettings) -> torch.optim.SGD:
-    return torch.optim.SGD(method.param_groups(), lr=settings.lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
+def _sgd(groups: list[dict[str, Any]], settings: TrainSettings) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+
+
+def _adamw(groups: list[dict[str, Any]], settings: TrainSettings) -> torch.optim.Optimizer:
+    beta1, beta2 = settings.betas
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(beta1, beta2), eps=settings.eps,
+                             weight_decay=settings.weight_decay)
+
+
+#: Builders by ``train.optimizer`` name (the names and defaults: bench.config.OPTIMIZER_DEFAULTS).
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], TrainSettings], torch.optim.Optimizer]] = {
+    "sgd": _sgd, "adamw": _adamw}
+
+
+def build_optimizer(method: Method, settings: TrainSettings) -> torch.optim.Optimizer:
+    """The ``settings.optimizer`` over the method's parameter groups, one set of hyperparameters for all
+    (insightface train_v2.py: the backbone and Partial FC groups share lr and weight decay)."""
+    if settings.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {settings.optimizer!r}")
+    return OPTIMIZERS[settings.optimizer](method.param_groups(), settings)
 
 
 class NonFiniteLossError(FloatingPointError):

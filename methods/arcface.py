@@ -1,4 +1,5 @@
-"""The baselines: ArcFace, CosFace, the combined margin and sub-center ArcFace over a full FC layer.
+"""The baselines: ArcFace, CosFace and the combined margin over a full FC layer (sub-center ArcFace, which
+builds on them, is in :mod:`methods.subcenter`).
 
 - ArcFace: J. Deng, J. Guo, N. Xue, S. Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face
   Recognition", CVPR 2019, arXiv:1801.07698. Eq. 3:
@@ -7,11 +8,6 @@
   SphereFace and CosFace").
 - CosFace: H. Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018,
   arXiv:1801.09414. Eq. 4 (LMCL): the target logit is ``s (cos theta_y - m)``.
-- Sub-center ArcFace: J. Deng, J. Guo, T. Liu, M. Gong, S. Zafeiriou, "Sub-center ArcFace: Boosting Face
-  Recognition by Large-scale Noisy Web Faces", ECCV 2020. Each class has ``k`` centers; its cosine is the
-  max over them (Eq. 3), then ArcFace's margin applies. ``k = 3`` is the paper's default (Sec. 4.1) and
-  insightface's MXNet ``loss_K=3`` (recognition/subcenter_arcface, train_parall.py); rows
-  ``c*k .. c*k+k-1`` of ``weight`` belong to class ``c``, as in that reshape.
 
 Every head normalises the embeddings and the centers (``weight``), so logits are scaled cosines, and
 returns the mean cross-entropy. Defaults and their sources:
@@ -41,7 +37,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from methods.base import register_head
@@ -73,6 +68,10 @@ def arcface_rule(owner: str, s: float, m: float, grad: str = "exact", easy_margi
         raise ConfigError(f"{owner}: margin m must be in [0, pi) radians, got {m}")
     if grad not in ("exact", "straight_through"):
         raise ConfigError(f"{owner}: grad must be 'exact' or 'straight_through', got {grad!r}")
+    if easy_margin and not fallback:
+        # easy_margin is the old insightface alternative to the theta + m > pi fallback; fallback=False
+        # reproduces arcface_torch since Dec 2022, which has no easy margin. Refused, not half-applied.
+        raise ConfigError(f"{owner}: easy_margin=True cannot be combined with fallback=False")
     return ArcFaceRule(s=float(s), m=float(m), easy_margin=bool(easy_margin), guard=bool(fallback),
                        straight_through=grad == "straight_through")
 
@@ -173,35 +172,6 @@ class CombinedMargin(MarginHead):
         return CombinedRule(s=float(s), m1=float(m1), m2=float(m2), m3=float(m3))
 
 
-class SubCenterArcFace(MarginHead):
-    """Sub-center ArcFace: ``k`` centers per class, class cosine = max over them, then ArcFace's margin.
-
-    ``weight`` is ``[num_classes * k, embedding_size]``; rows ``c*k .. c*k+k-1`` belong to class ``c``.
-    The max routes each sample's gradient to its class's nearest sub-center (paper Sec. 3.1).
-    """
-
-    def __init__(self, embedding_size: int, num_classes: int, k: int = 3, s: float = 64.0, m: float = 0.5,
-                 dist: DistContext | None = None) -> None:
-        if k < 1:
-            raise ConfigError(f"SubCenterArcFace: k must be >= 1, got {k}")
-        if dist is not None and dist.is_distributed:
-            raise ConfigError("SubCenterArcFace runs in one process: its model-parallel version (a max over "
-                              "sub-centers inside a sharded softmax) is not implemented")
-        super().__init__(embedding_size, num_classes, arcface_rule("SubCenterArcFace", s, m), rows_per_class=k)
-        self.k = k
-
-    def class_cosines(self, embeddings: torch.Tensor) -> torch.Tensor:
-        per_center = cosine_matrix(embeddings, self.weight)
-        return per_center.view(embeddings.shape[0], self.num_classes, self.k).amax(dim=2)
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(embeddings, labels), labels)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}"
-
-
 register_head("arcface", ArcFace)
 register_head("cosface", CosFace)
 register_head("combined", CombinedMargin)
-register_head("subcenter", SubCenterArcFace)

@@ -14,6 +14,9 @@ keeps between steps (class centers, momentum encoders, queues, memories). The ha
   ``views_per_class = k`` images of each identity side by side);
 - ``method(images, labels) -> LossOutput(loss, logs)``;
 - ``method.on_step_end()`` after the optimizer step (momentum updates, queue writes);
+- optional hooks: ``method.nearest_classes(classes, count)`` when ``batch_spec.hard_class_neighbours``
+  asks the sampler for hard-class mining; ``method.curate(embeddings, labels)`` once after
+  ``method.curation_step`` when the method cleans its training data (sub-center ArcFace);
 - ``method.encoder(name)`` for inference, ``method.encoder_names`` for what exists;
 - ``method.param_groups()`` for the optimizer; ``state_dict()`` holds all kept state so resume is exact.
 
@@ -81,17 +84,28 @@ class BatchSpec:
     also across epoch boundaries. SST's prototype queue of ``Q <= G`` rows, one per identity served,
     then never holds an older prototype of an identity in the batch (a false negative). 0 or 1: no
     constraint beyond one appearance per batch.
+
+    ``hard_class_neighbours = n >= 1`` (hard-class mining; needs ``views_per_class >= 2``): a batch is made
+    of anchor identities drawn as above, each followed by ``n`` identities the method names as its
+    nearest (:meth:`Method.nearest_classes`, asked when the batch is composed, so it reflects the
+    method's state after the previous step); slots the method cannot fill (identities it has not seen
+    yet, repeats) take further random identities. 0: no mining.
     """
 
     views_per_class: int = 1
     views_with_replacement: bool = False
     identity_reuse_gap: int = 0
+    hard_class_neighbours: int = 0
 
     def __post_init__(self) -> None:
         if self.views_per_class < 1:
             raise ConfigError(f"views_per_class must be >= 1, got {self.views_per_class}")
         if self.identity_reuse_gap < 0:
             raise ConfigError(f"identity_reuse_gap must be >= 0, got {self.identity_reuse_gap}")
+        if self.hard_class_neighbours < 0:
+            raise ConfigError(f"hard_class_neighbours must be >= 0, got {self.hard_class_neighbours}")
+        if self.hard_class_neighbours and self.views_per_class < 2:
+            raise ConfigError("hard_class_neighbours needs views_per_class >= 2 (batches composed of identities)")
 
 
 @dataclass
@@ -184,6 +198,26 @@ class Method(nn.Module):
         center's momentum and swaps the sampled rows in and out); nothing by default.
         """
 
+    def nearest_classes(self, classes: torch.Tensor, count: int) -> torch.Tensor:
+        """Hard-class mining (``batch_spec.hard_class_neighbours > 0``): for each class id in ``classes`` ``[A]``,
+        the ``count`` class ids the method finds nearest to it ``[A, count]``, ``-1`` where it knows fewer.
+
+        Only methods whose batch spec asks for mining implement it; the sampler calls it when it composes a
+        batch (between optimizer steps, after :meth:`on_step_end`)."""
+        raise NotImplementedError(f"method '{self.name}' does not name nearest classes (no hard-class mining)")
+
+    @property
+    def curation_step(self) -> int | None:
+        """The optimizer step after which the harness calls :meth:`curate` once (None, the default: never)."""
+        return None
+
+    def curate(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training-data curation (sub-center ArcFace's purification): given the L2-normalised embeddings
+        ``[N, D]`` of every training image (default encoder, eval mode, no flip) and their labels ``[N]``,
+        update the method's own state and return which images to keep (bool ``[N]``); the harness trains on
+        the kept images from the next step on. Called once, after step :attr:`curation_step`."""
+        raise NotImplementedError(f"method '{self.name}' does not curate its training data")
+
     def encoder(self, which: str | None = None) -> nn.Module:
         """The network used at inference; ``which`` picks one of :attr:`encoder_names`."""
         which = which or self.encoder_names[0]
@@ -237,7 +271,10 @@ class HeadMethod(Method):
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        """The head constructor's keyword defaults (the one place they are written)."""
+        """The head constructor's keyword defaults (the one place they are written); a subclass with its own
+        constructor (a head plus the method's own parameters) lists that constructor's, as any Method."""
+        if "__init__" in vars(cls):
+            return super().defaults()
         return parameter_defaults(cls.head_cls, _HEAD_SIZE_ARGS)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> LossOutput:

@@ -50,9 +50,13 @@ being equal); only the final weight generator has had one more update. The enque
 ``on_step_end``, with the keys computed in ``forward``, which is the authors' order.
 
 Evaluation: the authors evaluate the weight generator (``forward(is_train=False)`` uses ``encoder_k``),
-so ``encoder()`` defaults to ``"momentum"``; ``encoder("query")`` gives the trained backbone. MoCo's
-shuffling BN across ranks (``shuffle_bn``, :mod:`methods.momentum`) is off by default: the authors'
-code trains on one GPU and has none; it changes nothing in one process.
+so ``encoder()`` defaults to ``"momentum"``; ``encoder("query")`` gives the trained backbone.
+
+``shuffle_bn = True``: MoCo's shuffling BN of the key batch across ranks (:mod:`methods.momentum`), as the
+authors run it: ``dcq.py`` calls ``_batch_shuffle_ddp`` / ``_batch_unshuffle_ddp`` around every key
+encoding, and their scripts train on 4 GPUs (``CUDA_VISIBLE_DEVICES=0,1,2,3``, ``--distributed``, 128 per
+GPU). In one process there is nothing to shuffle across and training is bit for bit that of
+``shuffle_bn = False`` (tested); ``False`` keeps each rank's BatchNorm statistics to its own keys.
 """
 
 from __future__ import annotations
@@ -66,10 +70,14 @@ from torch import nn
 
 from methods.base import BatchSpec, LossOutput, Method, MethodContext, register_method
 from methods.margins import cos_margin, full_precision
-from methods.momentum import BUFFER_RULES, MomentumEncoder
+from methods.momentum import BUFFER_RULES, MomentumEncoder, derived_seed
 from methods.params import require
 from methods.queues import (FeatureQueue, StagedWrite, checked_queue_size, gather_for_enqueue, mask_same_label,
                             random_unit_rows, split_views)
+
+
+#: Stream id of the shuffling-BN permutations under the method's seed (the queue's rows use the seed itself).
+_STREAM_SHUFFLE_BN = 1
 
 
 @register_method("dcq")
@@ -80,16 +88,17 @@ class DCQ(Method):
 
     def __init__(self, backbone: nn.Module, ctx: MethodContext, *, s: float = 50.0, m: float = 0.3,
                  momentum: float = 0.999, queue_size: int = 0, queue_fraction: float = 0.1, shots: int = 1,
-                 key_with_replacement: bool = True, momentum_buffers: str = "ema", shuffle_bn: bool = False) -> None:
+                 key_with_replacement: bool = True, momentum_buffers: str = "ema", shuffle_bn: bool = True) -> None:
         super().__init__(backbone, BatchSpec(views_per_class=1 + shots, views_with_replacement=key_with_replacement))
         self.num_classes, self.embedding_size = ctx.num_classes, ctx.embedding_size
         self.s, self.m, self.shots = float(s), float(m), shots
         self.queue_size, self.queue_fraction = queue_size, float(queue_fraction)
         self.dist = ctx.dist
-        self.weight_generator = MomentumEncoder(backbone, momentum, buffers=momentum_buffers, train_mode="all",
-                                                shuffle_bn=shuffle_bn, dist=self.dist)
-        # Seeds the queue's random initial rows; a buffer, so a resumed run has the same one.
+        # Seeds the queue's random initial rows and the shuffling of BN; a buffer, so a resumed run has the same.
         self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
+        self.weight_generator = MomentumEncoder(backbone, momentum, buffers=momentum_buffers, train_mode="all",
+                                                shuffle_bn=shuffle_bn, dist=self.dist,
+                                                shuffle_seed=derived_seed(int(self.rng_seed), _STREAM_SHUFFLE_BN))
         capacity = self.queue_capacity(ctx, {"queue_size": queue_size, "queue_fraction": queue_fraction,
                                              "shots": shots})
         generator = torch.Generator().manual_seed(int(self.rng_seed))

@@ -17,6 +17,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from methods.errors import ConfigError
+
 #: Floor for 1 - cos^2 under the square root, so that d sin(theta) / d cos(theta) stays finite at
 #: cos(theta) = +-1 (an embedding identical to its center); it changes sin(theta) by at most 1e-6.
 _SIN_SQUARED_FLOOR = 1e-12
@@ -35,9 +37,14 @@ def arc_margin(cos_theta: torch.Tensor, margin_rad: float, *, easy_margin: bool 
     grows (it is not monotonic on [0, pi]), rewarding a worse embedding; there the value is
     cos(theta) - m * sin(m), the fallback insightface used for its published models
     (arcface_torch losses.py before Dec 2022: ``where(cos > cos(pi - m), cos(theta+m), cos - sin(pi-m)*m)``).
-    With ``easy_margin`` the margin is applied only where cos(theta) > 0 (insightface's option).
-    ``guard=False`` returns cos(theta + m) everywhere, as arcface_torch does since Dec 2022.
+    With ``easy_margin`` the margin is applied only where cos(theta) > 0, else cos(theta) (insightface's
+    option, the alternative to the fallback in the same code). ``guard=False`` returns cos(theta + m)
+    everywhere, as arcface_torch does since Dec 2022 (whose ``easy_margin`` is computed but unused): no
+    codebase combines it with ``easy_margin``, so that combination is refused rather than one of the two
+    silently ignored.
     """
+    if easy_margin and not guard:
+        raise ConfigError("arc_margin: easy_margin=True cannot be combined with guard=False")
     cos_m, sin_m = math.cos(margin_rad), math.sin(margin_rad)
     shifted = cos_theta * cos_m - sin_from_cos(cos_theta) * sin_m
     if not guard:
@@ -164,6 +171,10 @@ class ArcFaceRule(MarginRule):
     guard: bool = True
     straight_through: bool = False
 
+    def __post_init__(self) -> None:
+        if self.easy_margin and not self.guard:
+            raise ConfigError("ArcFace: easy_margin=True cannot be combined with fallback=False (guard=False)")
+
     def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
         adjusted = arc_margin(cos_y, self.m, easy_margin=self.easy_margin, guard=self.guard)
         return straight_through(cos_y, adjusted) if self.straight_through else adjusted
@@ -191,38 +202,62 @@ class CombinedRule(MarginRule):
         return combined_margin(cos_y, self.m1, self.m2, self.m3)
 
 
+#: MV-Softmax's choices (see :class:`MVSoftmaxRule` and :mod:`methods.mv_softmax`).
+MV_BASES = ("am", "arc")
+MV_VARIANTS = ("adaptive", "fixed")
+MV_TARGET_CONDITIONS = ("facexzoo", "positive", "always")
+
+
 @dataclass(frozen=True)
 class MVSoftmaxRule(MarginRule):
-    """MV-Softmax (Wang et al., "Mis-classified Vector Guided Softmax Loss", AAAI 2020, arXiv:1912.00833),
-    as FaceX-Zoo head/MV_Softmax.py computes it (after the authors' SV-X-Softmax fc_layers.py):
+    """MV-Softmax (Wang et al., AAAI 2020, arXiv:1912.00833); sources of each choice in
+    :mod:`methods.mv_softmax`.
 
-    - AM variant (``is_am``): a negative is hard when cos(theta_k) > cos(theta_y) - m; the target is
-      cos(theta_y) - m where cos(theta_y) > m, else cos(theta_y).
-    - Arc variant: hard when cos(theta_k) > cos(theta_y + m) (no theta + m > pi guard); the target is
-      cos(theta_y + m) where cos(theta_y) > 0, else cos(theta_y).
-    - Hard negatives become (t + 1) cos(theta_k) + t (the paper's Eq. with "mv_weight" = t + 1).
+    - margin ``base``: ``"am"``: f = cos(theta_y) - m; ``"arc"``: f = cos(theta_y + m) (no theta + m > pi
+      guard, as both of the authors' codebases).
+    - a negative k is mis-classified (hard) when cos(theta_k) > f, f computed with the margin whatever
+      ``target_condition`` says;
+    - hard negatives become ``(t + 1) cos(theta_k) + t`` (``variant="adaptive"``) or ``cos(theta_k) + t``
+      (``variant="fixed"``);
+    - the target logit is f where ``target_condition`` holds, else cos(theta_y): ``"facexzoo"``:
+      cos(theta_y) > m for AM, cos(theta_y) > 0 for Arc; ``"positive"``: cos(theta_y) > 0 for both;
+      ``"always"``: no condition.
     """
 
     m: float = 0.35
-    t: float = 0.2
-    is_am: bool = True
+    t: float = 0.12
+    base: str = "am"
+    variant: str = "adaptive"
+    target_condition: str = "facexzoo"
     has_hard_negatives: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("base", MV_BASES), ("variant", MV_VARIANTS),
+                             ("target_condition", MV_TARGET_CONDITIONS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"MVSoftmax: {key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
 
     @property
     def hard_slope(self) -> float:
-        return self.t + 1.0
+        return self.t + 1.0 if self.variant == "adaptive" else 1.0
 
     @property
     def hard_bias(self) -> float:
         return self.t
 
+    def _margined(self, cos_y: torch.Tensor) -> torch.Tensor:
+        """f(m, theta_y), the margin-adjusted target cosine, everywhere."""
+        return cos_margin(cos_y, self.m) if self.base == "am" else arc_margin(cos_y, self.m, guard=False)
+
     def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
-        if self.is_am:
-            return torch.where(cos_y > self.m, cos_y - self.m, cos_y)
-        return torch.where(cos_y > 0, arc_margin(cos_y, self.m, guard=False), cos_y)
+        margined = self._margined(cos_y)
+        if self.target_condition == "always":
+            return margined
+        above = self.m if self.target_condition == "facexzoo" and self.base == "am" else 0.0
+        return torch.where(cos_y > above, margined, cos_y)
 
     def hard_threshold(self, cos_y: torch.Tensor) -> torch.Tensor:
-        return cos_y - self.m if self.is_am else arc_margin(cos_y, self.m, guard=False)
+        return self._margined(cos_y)
 
 
 @dataclass(frozen=True)

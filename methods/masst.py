@@ -22,6 +22,8 @@ not be read here, so these are our documented choices, each a parameter:
   makes ``N > 1`` equivalent to SST: kept for the ablation).
 - ``alpha = 0.999`` per update, the queue (size rule, FIFO, coin enqueue, false-negative guard through
   the sampler), ``s``, ``m`` and ``loss_type``: as SST.
+- ``shuffle_bn = True``: as SST (FaceX-Zoo shuffles BN before every gallery pass), for every agent, each with
+  its own permutations; nothing changes in one process.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class MASST(SST):
                  update: str = "active", **sst_params: Any) -> None:
         super().__init__(backbone, ctx, **sst_params)
         # SST built agent 0; the others are momentum copies of the same probe, so all start equal.
-        self.galleries.extend(self.new_gallery() for _ in range(num_agents - 1))
+        self.galleries.extend(self.new_gallery(agent) for agent in range(1, num_agents))
         self.num_agents, self.rotation, self.update_rule = num_agents, rotation, update
 
     @classmethod

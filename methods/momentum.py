@@ -26,14 +26,22 @@ Train-time mode of the copy: ``train_mode="all"`` puts the whole copy in train m
 eval mode except its BatchNorm layers (SST: ``gallery_net.eval().apply(train_BN)``), which only matters
 for dropout. In eval mode the copy is entirely in eval mode.
 
-Shuffling BN (MoCo, Sec. 3.3; FaceX-Zoo's SST ``_batch_shuffle_ddp``). With several ranks, each rank's
-BatchNorm sees only its own slice of the batch; a copy in train mode then normalises a key with the
-statistics of the very samples its query shares a rank with, a signal the query can cheat on. With
-``shuffle_bn=True`` the copy's input is gathered from every rank, permuted with one permutation shared
-by all ranks, each rank encodes its slice of the permuted batch, and the keys are gathered and
-un-permuted (:func:`shuffled_forward`). In one process it changes nothing. The permutation is drawn
-from a generator seeded by the copy's seed and call counter (buffers, so a resumed run draws the same)
-and needs no communication.
+Shuffling BN (MoCo, Sec. 3.3, ``_batch_shuffle_ddp``). With several ranks, each rank's BatchNorm sees
+only its own slice of the batch; a copy in train mode then normalises a key with the statistics of the
+very samples its query shares a rank with, a signal the query can cheat on. With ``shuffle_bn=True`` the
+copy's input is gathered from every rank, permuted with one permutation shared by all ranks, each rank
+encodes its slice of the permuted batch, and the keys are gathered and un-permuted
+(:func:`shuffled_forward`). The authors of the methods using a copy run it this way: bilylee/DCQ
+``dcq.py`` calls ``_batch_shuffle_ddp`` on every key batch and trains on 4 GPUs (``--distributed``,
+``train_scripts/*.sh``); FaceX-Zoo's SST ``train.py`` calls ``shuffle_BN`` before every gallery pass of its
+``DataParallel`` gallery net, whose GPUs each normalise one chunk of the permuted batch.
+
+In one process there is nothing to shuffle across (one BatchNorm sees the whole batch, in any order), so
+the option changes nothing there, bit for bit (no permutation is drawn). With several ranks, the
+permutation of a call comes from a generator seeded by ``shuffle_seed`` (given by the owner, derived from
+its own seed so that the global random stream is not touched; else drawn at construction) plus a count of
+train-mode calls: buffers, so a resumed run draws the same, and no communication is needed. The count
+advances in one process too, so the state is the same whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -68,6 +76,13 @@ def momentum_update_(target: nn.Module, source: nn.Module, momentum: float, buff
         torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
 
 
+def derived_seed(seed: int, *stream: int) -> int:
+    """A seed for one purpose (``stream``, e.g. the shuffling of one gallery agent) from an owner's seed,
+    without drawing from torch's global generator, so that adding a purpose moves no other random draw.
+    Python's hash of a tuple of ints is the same in every process (no hash randomisation for ints)."""
+    return hash((seed, *stream)) & (2**62 - 1)
+
+
 @torch.no_grad()
 def shuffled_forward(encoder: nn.Module, images: torch.Tensor, dist: DistContext,
                      generator: torch.Generator) -> torch.Tensor:
@@ -92,7 +107,8 @@ class MomentumEncoder(nn.Module):
     """A frozen copy of ``source`` updated by :func:`momentum_update_`; ``forward`` runs the copy."""
 
     def __init__(self, source: nn.Module, momentum: float, buffers: str = "own", train_mode: str = "all",
-                 shuffle_bn: bool = False, dist: DistContext | None = None) -> None:
+                 shuffle_bn: bool = False, dist: DistContext | None = None,
+                 shuffle_seed: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
@@ -103,8 +119,10 @@ class MomentumEncoder(nn.Module):
         self.momentum, self.buffer_rule, self.train_mode = float(momentum), buffers, train_mode
         self.shuffle_bn, self.dist = bool(shuffle_bn), dist or DistContext()
         if self.shuffle_bn:
-            # Same initial seed on every rank (the model is built under the same torch seed everywhere).
-            self.register_buffer("shuffle_seed", torch.randint(0, 2**62, ()))
+            # The same seed on every rank: the owner derives it from its own seeded state (DCQ, SST), else it
+            # is drawn here (the model is built under the same torch seed on every rank).
+            seed = torch.randint(0, 2**62, ()) if shuffle_seed is None else torch.tensor(int(shuffle_seed))
+            self.register_buffer("shuffle_seed", seed)
             self.register_buffer("shuffle_calls", torch.zeros((), dtype=torch.long))
         self.encoder = copy.deepcopy(source)
         for parameter in self.encoder.parameters():
@@ -124,7 +142,12 @@ class MomentumEncoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not (self.shuffle_bn and self.training and self.dist.is_distributed):
+        if not (self.shuffle_bn and self.training):
+            return self.encoder(images)
+        if not self.dist.is_distributed:
+            # One BatchNorm sees the whole batch: nothing to shuffle across. The call is still counted (on the
+            # device, no host read), so that a checkpoint's state does not depend on the number of ranks.
+            self.shuffle_calls += 1
             return self.encoder(images)
         generator = torch.Generator().manual_seed(int(self.shuffle_seed) + int(self.shuffle_calls))
         self.shuffle_calls += 1

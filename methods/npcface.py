@@ -11,10 +11,16 @@ grows with how hard its negatives are, and hard negatives are emphasised:
 - target logit: cos(theta_y + m') where cos(theta_y) > 0, else cos(theta_y);
 - hard negatives become t * cos(theta_k) + alpha; all logits are multiplied by s.
 
-The formula and defaults follow the authors' implementation, FaceX-Zoo head/NPCFace.py
-(JDAI-CV/FaceX-Zoo): m0 = 0.40, m1 = 0.20, t = 1.10, alpha = 0.20 are constants there; m = 0.35 and
-s = 32 are FaceX-Zoo's training_mode/head_conf.yaml values (the class defaults there are 0.5 and 64).
-The paper's result tables could not be checked here (see /work/shared/reference/facexzoo.md).
+The formula and defaults follow the authors' implementation, FaceX-Zoo ``head/NPCFace.py``
+(JDAI-CV/FaceX-Zoo at commit 16b793a7564a4b9308cf94e62bdb2ffacb3a725a): m0 = 0.40, m1 = 0.20, t = 1.10,
+alpha = 0.20 are constants in its ``__init__`` (the paper's m0, m1, t, alpha; the code calls alpha ``a``);
+m = 0.35 and s = 32 are that commit's ``training_mode/head_conf.yaml`` values (the class defaults there are
+0.5 and 64). As in that code, the hard-negative threshold cos(theta_y + m) has no theta_y + m > pi guard
+(it rises again there), and the target's cos(theta_y) > 0 condition keeps theta_y + m' below pi for
+m' < pi/2. The paper's text (equation numbering, tables, its own settings) could not be read here, so the
+paper is cited for the method and the code for every constant; any difference between them is unconfirmed
+and resolved in the code's favour. Ours, not in that code: sin(theta) is taken with the 1e-12 floor of
+:func:`methods.margins.sin_from_cos`, so the gradient stays finite at cos = +-1.
 """
 
 from __future__ import annotations

@@ -13,26 +13,49 @@ never ``[B, C]``. Sampling follows insightface partial_fc_v2.py: uniform scores 
 positives forced to 2 (above any uniform draw), the top ``K`` kept and sorted, labels remapped with
 ``searchsorted``. With ``r = 1`` every center is used and the loss and gradients equal the full head's.
 
-Update of the centers (``update``):
+Update of the centers (``update``) and the optimizer state each center keeps:
 
 - ``"sparse"`` (default; the paper, Sec. 3.1, and insightface's v1 ``partial_fc.py``): only the sampled
-  centers are updated. They are copied into ``active_weight``, the parameter the optimizer sees, with
-  their rows of the optimizer's per-row state (SGD momentum; Adam's moments) swapped in just before
-  the optimizer step and written back just after it (optimizer step hooks). Centers not sampled, and
-  their optimizer state, stay bitwise unchanged, and nothing of size ``C x D`` is allocated per step.
-  Call ``attach_optimizer(optimizer)`` once (the harness does). Without an attached optimizer the
-  sampled centers still receive gradients and ``step_end()`` writes them back, but no per-row optimizer
-  state is carried. Adam's step count is one scalar shared by all rows.
+  centers are updated. They are copied into ``active_weight``, the parameter the optimizer sees; centers
+  not sampled, and their optimizer state, stay bitwise unchanged (no weight decay, no momentum drift),
+  and nothing of size ``C x D`` is allocated per step. Each center keeps its own optimizer state in
+  ``row_state_*`` buffers (sharded with the centers), written by optimizer step hooks: call
+  ``attach_optimizer(optimizer)`` once (the harness does). Without an attached optimizer the sampled
+  centers still receive gradients and ``step_end()`` writes them back, but no per-row state is carried.
+
+  * SGD: the sampled rows' momentum is swapped into torch's SGD state just before its step and written
+    back just after; L2 weight decay is folded into the gradient of the sampled rows. Numerically torch's
+    SGD on those rows (insightface v1 did the same with ``weight_mom``).
+  * Adam / AdamW: each center keeps ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with amsgrad) and
+    its own step count ``row_state_step``: the number of steps at which it was sampled. A center's moments
+    and step count advance only when it is sampled, and its bias corrections ``1 - beta^t`` use its own
+    ``t``: the center is updated exactly as torch's Adam(W) would update it as a parameter of its own that
+    receives a gradient only at those steps (the semantics of torch.optim.SparseAdam and TensorFlow
+    Addons' LazyAdam). ours: the per-row update (:func:`adam_rows_`, torch's Adam arithmetic with a step
+    count per row) runs in the pre-step hook, and torch's step skips ``active_weight``. insightface's v1
+    ``PartialFCAdamW`` instead set one ``step`` for all rows, the global iteration count: a center first
+    sampled at step 1000 then gets ``1 - 0.999^1000 = 0.63`` as its second-moment correction instead of
+    ``1 - 0.999 = 0.001``, and its first update is about 2.5x Adam's unit step. Weight decay (AdamW's
+    decoupled decay, Adam's L2) reaches the sampled rows only.
+
 - ``"dense"``: ``weight`` is an ordinary parameter and the sampled centers are gathered from it with
-  autograd, as insightface's current PartialFC_V2: momentum and weight decay move every row every step.
+  autograd, as insightface's current PartialFC_V2 (``partial_fc_v2.py``, trained with SGD or AdamW in
+  ``train_v2.py``): the optimizer keeps dense state over all ``C`` rows with one step count, so every
+  center's momentum / moments decay and weight decay moves it at every step, sampled or not, and an
+  unsampled center keeps moving by its momentum (Adam: ``m / (sqrt(v) + eps)``). Works with any optimizer.
 
 Optional inter-class filtering (``filter_threshold``, the paper's "abnormal inter-class filtering" for
 noisy data, 0.4 in its WebFace12M-Conflict runs; insightface losses.py): non-target cosines above the
 threshold are set to 0 and receive no gradient.
 
-Defaults: ``r = 0.1`` (the paper's main setting and insightface's Glint360K config); the margin's own
-defaults (ArcFace s = 64, m = 0.5 for MS1M presets; CosFace m = 0.4 for WebFace presets, as insightface's
-configs); centers initialised N(0, 0.01) (partial_fc_v2.py). The number of centers is ``ceil(r * C)``
+Defaults: ``r = 0.1``: the Partial FC paper's setting (An et al., ICCVW 2021, arXiv:2010.05222, abstract:
+"no loss of accuracy when training with only 10% randomly sampled classes"), also used for insightface's
+published Glint360K models ("Glint360K CosFace, PFC 0.1" in the 2021 arcface_torch README) and in its MXNet
+``partial_fc`` README (IFRT R100: 88.67 at r = 1.0, 88.23 at r = 0.1). Not insightface's stored Glint360K
+config: ``configs/glint360k_r100.py`` sets ``sample_rate = 1.0`` (plain model parallelism); its WebFace42M
+configs with PFC_V2 (An et al., "Killing Two Birds with One Stone", CVPR 2022, arXiv:2203.15565) use 0.2
+or 0.3. The margin's own defaults (ArcFace s = 64, m = 0.5 for MS1M presets; CosFace m = 0.4 for WebFace
+presets, as insightface's configs); centers initialised N(0, 0.01) (partial_fc_v2.py). The number of centers is ``ceil(r * C)``
 (insightface uses ``int(r * C)`` per rank).
 
 Model parallelism (``dist`` with several ranks), as insightface: each rank keeps a contiguous shard of
@@ -63,9 +86,9 @@ for _name, _head in (("arcface", ArcFace), ("cosface", CosFace), ("combined", Co
                      ("npcface", NPCFace), ("mvsoftmax", MVSoftmax)):
     PFC_MARGINS.register(_name, _head)
 
-#: Optimizer state entries that hold one value per parameter element, by optimizer class name.
-ROW_STATE_KEYS = {"SGD": ("momentum_buffer",), "Adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                  "AdamW": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+#: Optimizers whose per-row state the sparse update keeps, by class name, and how: ``"sgd"`` swaps the
+#: sampled rows' momentum into torch's SGD; ``"adam"`` updates the rows itself (:func:`adam_rows_`).
+SPARSE_OPTIMIZERS = {"SGD": "sgd", "Adam": "adam", "AdamW": "adam"}
 
 
 def margin_rule(margin: str, params: dict[str, Any] | None):
@@ -93,6 +116,39 @@ def sample_centers(labels: torch.Tensor, num_classes: int, num_sample: int,
     index = chosen.nonzero().squeeze(1).to(labels.device)
     remapped = torch.searchsorted(index, labels.clamp_min(0))
     return index, torch.where(owned, remapped, labels)
+
+
+@torch.no_grad()
+def adam_rows_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               steps: torch.Tensor, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+               decoupled: bool, max_exp_avg_sq: torch.Tensor | None = None) -> None:
+    """In place: one Adam (``decoupled``: AdamW) step of the rows of ``param`` ``[K, D]``, row ``k`` at its
+    own step ``steps[k] >= 1`` (its updates so far, this one included), with its moments ``exp_avg``,
+    ``exp_avg_sq`` (and ``max_exp_avg_sq``: amsgrad) ``[K, D]``.
+
+    The arithmetic of torch.optim.Adam's single-tensor step (Kingma & Ba, arXiv:1412.6980, Algorithm 1;
+    decoupled decay: Loshchilov & Hutter, arXiv:1711.05101), the bias corrections taken per row::
+
+        AdamW: p <- p (1 - lr wd)          Adam: g <- g + wd p
+        m <- beta1 m + (1 - beta1) g       v <- beta2 v + (1 - beta2) g^2      (amsgrad: v_max <- max(v_max, v))
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+    beta1, beta2 = betas
+    if weight_decay:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    second_moment = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    t = steps.to(param.dtype).unsqueeze(1)
+    step_size = lr / (1 - beta1 ** t)
+    denom = (second_moment.sqrt() / (1 - beta2 ** t).sqrt()).add_(eps)
+    param.addcdiv_(exp_avg * step_size, denom, value=-1.0)
 
 
 class PartialFC(nn.Module):
@@ -135,23 +191,29 @@ class PartialFC(nn.Module):
         self._optimizer: torch.optim.Optimizer | None = None
         #: Optimizer state entries kept per row (registered as ``row_state_<key>`` buffers on attach).
         self._row_state_keys: tuple[str, ...] = ()
+        self._kind = ""  # "sgd" or "adam" once attached (SPARSE_OPTIMIZERS)
+        self._saved_weight_decay: float | None = None  # SGD's group weight decay while folded into the gradient
         self._index: torch.Tensor | None = None
+        #: Class ids (of all ranks' numbering) of the last forward's logit columns, in column order: what the
+        #: labels were remapped to. For inspection and tests; not state.
+        self.sampled_classes: torch.Tensor | None = None
 
     # --- optimizer coupling (sparse update) ---
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep the per-row optimizer state of the class centers (sparse update only).
+        """Keep the per-row optimizer state of the class centers (sparse update only; module docstring).
 
-        Registers step hooks on ``optimizer``: just before its step, the sampled rows' state (momentum,
-        Adam's moments) is swapped in and L2 weight decay is folded into the gradient in place (so the
-        optimizer allocates no ``[K, D]`` temporary for it); just after, the rows and their state are
-        written back. ``active_weight`` must be alone in its parameter group.
+        Registers step hooks on ``optimizer``: just before its step, SGD gets the sampled rows' momentum
+        swapped in (L2 weight decay folded into the gradient in place, so the optimizer allocates no
+        ``[K, D]`` temporary for it), or the sampled rows take their Adam(W) step here, each at its own step
+        count, and torch's step skips them; just after, the rows and their state are written back.
+        ``active_weight`` must be alone in its parameter group.
         """
         if self.update != "sparse":
             return
-        keys = ROW_STATE_KEYS.get(type(optimizer).__name__)
-        if keys is None:
-            raise ConfigError(f"PartialFC sparse update supports {', '.join(ROW_STATE_KEYS)}, "
+        kind = SPARSE_OPTIMIZERS.get(type(optimizer).__name__)
+        if kind is None:
+            raise ConfigError(f"PartialFC sparse update supports {', '.join(SPARSE_OPTIMIZERS)}, "
                               f"not {type(optimizer).__name__}; use update='dense'")
         groups = [g for g in optimizer.param_groups if any(p is self.active_weight for p in g["params"])]
         if not groups:
@@ -160,39 +222,72 @@ class PartialFC(nn.Module):
         if len(groups[0]["params"]) != 1:
             raise ConfigError("PartialFC: give active_weight a parameter group of its own (its weight decay "
                               "is applied to the sampled rows only)")
-        self._optimizer, self._group = optimizer, groups[0]
-        self._fold_weight_decay = type(optimizer).__name__ in ("SGD", "Adam")  # L2 decay added to the gradient
+        if kind == "adam" and groups[0].get("maximize"):
+            raise ConfigError("PartialFC sparse update: Adam with maximize=True is not supported")
+        self._optimizer, self._group, self._kind = optimizer, groups[0], kind
+        if kind == "sgd":
+            keys: tuple[str, ...] = ("momentum_buffer",)
+        else:
+            keys = ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if self._group.get("amsgrad") else ()))
+            # AdamW is Adam with decoupled decay (torch >= 2.6 names it in the group; older AdamW does not).
+            self._decoupled = bool(self._group.get("decoupled_weight_decay",
+                                                   isinstance(optimizer, torch.optim.AdamW)))
         for key in keys:
             if not hasattr(self, f"row_state_{key}"):
                 self.register_buffer(f"row_state_{key}", torch.zeros_like(self.weight))
-        self._row_state_keys = keys
+        if kind == "adam" and not hasattr(self, "row_state_step"):
+            # Steps at which each center was sampled (its Adam step count t).
+            self.register_buffer("row_state_step", torch.zeros(self.weight.shape[0], dtype=torch.long,
+                                                               device=self.weight.device))
+        self._row_state_keys = (*keys, "step") if kind == "adam" else keys
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._index is None or self.active_weight.grad is None:
             return
+        if self._kind == "adam":
+            self._adam_step_sampled_rows()
+            return
         state = optimizer.state[self.active_weight]
-        for key, rows in self._row_states().items():
-            if key != "max_exp_avg_sq" or self._group.get("amsgrad"):
-                # The first entry (SGD's momentum) into the softmax workspace's shared block, free once the
-                # loss is back-propagated: no fresh [K, D] per step, and no more memory at the step's peak.
-                out = self.softmax_workspace.shared((self._index.numel(), rows.shape[1]), rows.dtype, rows.device)
-                state[key] = torch.index_select(rows, 0, self._index, out=out)
-        self._saved_weight_decay = self._group["weight_decay"]
-        if self._fold_weight_decay and self._saved_weight_decay:
+        rows = self.row_state_momentum_buffer
+        # Into the softmax workspace's shared block, free once the loss is back-propagated: no fresh [K, D]
+        # per step, and no more memory at the step's peak.
+        out = self.softmax_workspace.shared((self._index.numel(), rows.shape[1]), rows.dtype, rows.device)
+        state["momentum_buffer"] = torch.index_select(rows, 0, self._index, out=out)
+        self._saved_weight_decay = self._group["weight_decay"]  # put back by _after_step
+        if self._saved_weight_decay:
             self.active_weight.grad.add_(self.active_weight.detach(), alpha=self._saved_weight_decay)
             self._group["weight_decay"] = 0.0
+
+    def _adam_step_sampled_rows(self) -> None:
+        """The sampled rows' Adam(W) step, each at its own step count; then torch's step skips them (their
+        gradient is cleared, as :meth:`step_end` would clear it anyway)."""
+        group, index = self._group, self._index
+        rows = {key: getattr(self, f"row_state_{key}").index_select(0, index)
+                for key in self._row_state_keys if key != "step"}
+        steps = self.row_state_step.index_select(0, index) + 1
+        beta1, beta2 = group["betas"]
+        adam_rows_(self.active_weight.detach(), self.active_weight.grad, rows["exp_avg"], rows["exp_avg_sq"], steps,
+                   lr=float(group["lr"]), betas=(float(beta1), float(beta2)), eps=float(group["eps"]),
+                   weight_decay=float(group["weight_decay"]), decoupled=self._decoupled,
+                   max_exp_avg_sq=rows.get("max_exp_avg_sq"))
+        with torch.no_grad():
+            for key, value in rows.items():
+                getattr(self, f"row_state_{key}").index_copy_(0, index, value)
+            self.row_state_step.index_copy_(0, index, steps)
+        self.active_weight.grad = None
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._index is None:
             return
-        self._group["weight_decay"] = self._saved_weight_decay
-        state = optimizer.state[self.active_weight]
-        with torch.no_grad():
-            for key, rows in self._row_states().items():
-                if key in state:
-                    rows.index_copy_(0, self._index, state.pop(key))
+        if self._kind == "sgd":
+            if self._saved_weight_decay is not None:
+                self._group["weight_decay"], self._saved_weight_decay = self._saved_weight_decay, None
+            state = optimizer.state[self.active_weight]
+            with torch.no_grad():
+                if "momentum_buffer" in state:
+                    self.row_state_momentum_buffer.index_copy_(0, self._index, state.pop("momentum_buffer"))
         self.step_end()
 
     def _swap_in(self, index: torch.Tensor) -> None:
@@ -233,6 +328,7 @@ class PartialFC(nn.Module):
         embeddings = all_gather_with_grad(embeddings, self.dist)
         shard_labels = self.shard.to_local(all_gather(labels, self.dist))
         index, local_labels = sample_centers(shard_labels, self.shard.size, self.num_sample, self.generator)
+        self.sampled_classes = index + self.shard.start
         workspace = None
         if self.update == "dense":
             centers = self.weight if index.numel() == self.shard.size else self.weight.index_select(0, index)
@@ -254,11 +350,9 @@ class PartialFC(nn.Module):
 
     # --- state: the sampling generator and the per-row optimizer state resume exactly ---
 
-    def _row_states(self) -> dict[str, torch.Tensor]:
-        return {key: getattr(self, f"row_state_{key}") for key in self._row_state_keys}
-
     def sharded_state_keys(self) -> list[str]:
-        """State-dict entries split along dim 0 across ranks (the centers and their per-row state)."""
+        """State-dict entries split along dim 0 across ranks (the centers and their per-row state, Adam's
+        per-row step count included)."""
         return ["weight", *(f"row_state_{key}" for key in self._row_state_keys)]
 
     def get_extra_state(self) -> dict[str, Any]:

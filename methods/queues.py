@@ -298,25 +298,31 @@ class ClassMemory(nn.Module):
         self.stamps[slots] = self.clock
         self.clock += 1
 
+    @torch.no_grad()
     def nearest_classes(self, labels: torch.Tensor, count: int) -> torch.Tensor:
-        """For each label in memory, the labels of the ``count`` most similar other prototypes ``[N, count]``.
+        """For each label, the labels of the ``count`` prototypes most similar (cosine) to its own, nearest
+        first: ``[N, count]`` int64, on ``labels``' device (the memory may be elsewhere).
 
-        The building block of Prototype Memory's hard-class mining (batches of look-alike classes);
-        rows of labels not in memory, and missing neighbours, are :data:`NO_LABEL`.
+        The building block of Prototype Memory's hard-class mining (batches of look-alike classes). Only
+        occupied slots are candidates (an empty slot never, whatever its row holds), and never the label's
+        own slot; rows of labels not in memory, and missing neighbours, are :data:`NO_LABEL`. Cost: one
+        ``[N, capacity]`` product.
         """
-        slots = self.slots_of(labels)
-        occupied = self.occupied()
-        queries = self.prototypes[slots.clamp_min(0)]
-        sims = F.normalize(queries, dim=1) @ F.normalize(self.prototypes, dim=1).T
-        sims = sims.masked_fill(~occupied.unsqueeze(0), float("-inf"))
-        sims[torch.arange(labels.shape[0]), slots.clamp_min(0)] = float("-inf")
+        if count < 0:
+            raise ValueError(f"ClassMemory.nearest_classes: count must be >= 0, got {count}")
+        out = torch.full((labels.shape[0], count), NO_LABEL, dtype=torch.long, device=self.labels.device)
         k = min(count, self.capacity)
-        values, index = torch.topk(sims, k, dim=1)
-        out = torch.where(torch.isfinite(values), self.labels[index], torch.full_like(index, NO_LABEL))
-        out[slots < 0] = NO_LABEL
-        if k < count:
-            out = torch.cat([out, out.new_full((labels.shape[0], count - k), NO_LABEL)], dim=1)
-        return out
+        if k and labels.numel():
+            slots = self.slots_of(labels.to(device=self.labels.device, dtype=torch.long))
+            own = slots.clamp_min(0)
+            rows = F.normalize(self.prototypes, dim=1)  # written rows are unit already; cheap insurance
+            sims = rows[own] @ rows.T
+            sims.masked_fill_(~self.occupied().unsqueeze(0), float("-inf"))
+            sims.scatter_(1, own.unsqueeze(1), float("-inf"))
+            values, index = torch.topk(sims, k, dim=1)
+            found = torch.isfinite(values) & (slots >= 0).unsqueeze(1)
+            out[:, :k] = torch.where(found, self.labels[index], NO_LABEL)
+        return out.to(labels.device)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, capacity={self.capacity}"

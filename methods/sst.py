@@ -46,11 +46,16 @@ Defaults and their sources:
 - The loss is the mean of both directions (FaceX-Zoo ``train.py``); the original repo sums them, which
   only doubles the gradient.
 
-Only the probe is used at inference (``encoder()`` is the backbone). MoCo-style shuffling BN across ranks (FaceX-Zoo
-``_batch_shuffle_ddp``) is the option ``shuffle_bn`` (:mod:`methods.momentum`), off by default as in the
-single-GPU original; it changes nothing in one process. Randomness (the enqueue coin,
-the initial queue rows) is drawn from generators seeded by a buffer and the step counter, so a resumed
-run draws the same.
+Only the probe is used at inference (``encoder()`` is the backbone).
+
+``shuffle_bn = True``: MoCo-style shuffling BN of the gallery's input across ranks (:mod:`methods.momentum`),
+as the authors run it: FaceX-Zoo's ``train.py`` calls ``shuffle_BN`` before each of the two gallery passes
+of every step, on a ``DataParallel`` gallery net whose GPUs each normalise one chunk of the permuted batch.
+In one process there is nothing to shuffle across and training is bit for bit that of ``shuffle_bn = False``
+(tested).
+
+Randomness (the enqueue coin, the initial queue rows, the shuffling of BN) is drawn from generators seeded
+by a buffer and a step or call counter, so a resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from torch import nn
 
 from methods.base import BatchSpec, LossOutput, Method, MethodContext, register_method
 from methods.margins import arc_margin, cos_margin, replace_target, target_cosines, full_precision
-from methods.momentum import MomentumEncoder
+from methods.momentum import MomentumEncoder, derived_seed
 from methods.params import require
 from methods.queues import (FeatureQueue, StagedWrite, checked_queue_size, gather_for_enqueue, random_unit_rows,
                             split_views)
@@ -74,7 +79,7 @@ PAPER_QUEUE_SIZE = 16384
 LOSS_TYPES = ("am_softmax", "arc_softmax", "softmax")
 
 #: Stream ids separating the random draws of different purposes under one seed.
-_STREAM_QUEUE_INIT, _STREAM_ENQUEUE_COIN, _STREAM_AGENT = 0, 1, 2
+_STREAM_QUEUE_INIT, _STREAM_ENQUEUE_COIN, _STREAM_AGENT, _STREAM_SHUFFLE_BN = 0, 1, 2, 3
 
 
 def step_generator(seed: int, stream: int, step: int) -> torch.Generator:
@@ -95,15 +100,17 @@ class SST(Method):
 
     def __init__(self, backbone: nn.Module, ctx: MethodContext, *, s: float = 32.0, m: float = 0.35,
                  loss_type: str = "am_softmax", alpha: float = 0.999, queue_size: int = 0,
-                 shuffle_bn: bool = False) -> None:
+                 shuffle_bn: bool = True) -> None:
         gap = default_reuse_gap(ctx.num_classes, queue_size)
         super().__init__(backbone, BatchSpec(views_per_class=2, identity_reuse_gap=gap))
         self.num_classes, self.embedding_size = ctx.num_classes, ctx.embedding_size
         self.s, self.m, self.loss_type, self.alpha = float(s), float(m), loss_type, float(alpha)
         self.queue_size, self.reuse_gap, self.shuffle_bn = queue_size, gap, shuffle_bn
         self.dist = ctx.dist
-        self.galleries = nn.ModuleList([self.new_gallery()])
+        # Drawn before the gallery, which draws nothing from the global generator: the same draws as before
+        # the gallery's shuffling seed was derived from it.
         self.register_buffer("rng_seed", torch.randint(0, 2**62, ()))
+        self.galleries = nn.ModuleList([self.new_gallery(0)])
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         capacity = self.queue_capacity(ctx, {"queue_size": queue_size})
         generator = step_generator(int(self.rng_seed), _STREAM_QUEUE_INIT, 0)
@@ -111,10 +118,12 @@ class SST(Method):
                                   random_unit_rows(capacity, ctx.embedding_size, generator, "uniform"))
         self.staged = StagedWrite()
 
-    def new_gallery(self) -> MomentumEncoder:
-        """A momentum copy of the probe, BatchNorm in train mode (FaceX-Zoo SST ``train.py``)."""
+    def new_gallery(self, agent: int) -> MomentumEncoder:
+        """Gallery network ``agent``: a momentum copy of the probe, BatchNorm in train mode (FaceX-Zoo SST
+        ``train.py``), with its own shuffling seed derived from the method's."""
         return MomentumEncoder(self.backbone, self.alpha, buffers="own", train_mode="batchnorm",
-                               shuffle_bn=self.shuffle_bn, dist=self.dist)
+                               shuffle_bn=self.shuffle_bn, dist=self.dist,
+                               shuffle_seed=derived_seed(int(self.rng_seed), _STREAM_SHUFFLE_BN, agent))
 
     @classmethod
     def check(cls, ctx: MethodContext, p: Mapping[str, Any]) -> None:

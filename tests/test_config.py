@@ -205,3 +205,85 @@ def test_run_record_config_reproduces_the_run(tiny_args, tmp_path):
     assert {k: v for k, v in again.items() if k not in identity} == {k: v for k, v in written.items()
                                                                      if k not in identity}
     assert load_config(run_dir / "config.yaml").fingerprint() == written["config_fingerprint"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 16, item 5: train.optimizer and the defaults that follow it
+# ----------------------------------------------------------------------------------------------------
+
+#: Written by hand from the sources: insightface arcface_torch configs/base.py and train_v2.py (SGD);
+#: configs/wf42m_pfc03_40epoch_8gpu_vit_b.py and torch.optim.AdamW's defaults, which train_v2.py keeps (AdamW).
+SGD_VALUES = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "betas": None, "eps": None}
+ADAMW_VALUES = {"lr": 1e-3, "momentum": None, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8}
+
+
+def _optimizer_values(cfg: RunConfig) -> dict:
+    return {key: getattr(cfg.train, key) for key in SGD_VALUES}
+
+
+def test_optimizer_keys_take_the_chosen_optimizers_defaults(tmp_path):
+    """``train.lr`` and ``train.weight_decay`` mean "the optimizer's default" unless set, in any layer.
+    Catches AdamW run with SGD's lr 0.1 and weight decay 5e-4 (the dataclass defaults of the default
+    optimizer), a preset's explicit lr lost when the command line switches optimizers, and the other
+    optimizer's keys left in the configuration (and the run record) after a switch."""
+    assert load_config().train.optimizer == "sgd" and _optimizer_values(load_config()) == SGD_VALUES
+    assert _optimizer_values(load_config(overrides={"train.optimizer": "adamw"})) == ADAMW_VALUES
+    explicit = load_config(overrides={"train.optimizer": "adamw", "train.lr": "3e-4", "train.betas": "0.9,0.95"})
+    assert _optimizer_values(explicit) == {**ADAMW_VALUES, "lr": 3e-4, "betas": [0.9, 0.95]}
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  optimizer: adamw\n  weight_decay: 0.05\n")
+    assert _optimizer_values(load_config(preset)) == {**ADAMW_VALUES, "weight_decay": 0.05}
+    # back to SGD on the command line: the preset's AdamW keys go, its explicit weight decay stays
+    assert _optimizer_values(load_config(preset, {"train.optimizer": "sgd"})) == {**SGD_VALUES, "weight_decay": 0.05}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.optimizer": "adam"}, r"train\.optimizer must be one of sgd, adamw, got 'adam'"),
+    ({"train.optimizer": "adamw", "train.momentum": "0.8"},
+     r"train\.momentum does not apply to optimizer adamw \(its keys: lr, weight_decay, betas, eps\)"),
+    ({"train.eps": "1e-6"}, r"train\.eps does not apply to optimizer sgd \(its keys: lr, momentum, weight_decay\)"),
+    ({"train.optimizer": "adamw", "train.betas": "0.9"}, r"train\.betas must be two values in \[0, 1\)"),
+    ({"train.optimizer": "adamw", "train.betas": "0.9,fast"}, r"'train\.betas' must be float, got 'fast'"),
+    ({"train.optimizer": "adamw", "train.lr": "0"}, r"train\.lr must be > 0"),
+])
+def test_bad_optimizer_settings_are_one_line(overrides, message):
+    """Catches an unknown optimizer reaching the trainer, and a key of the other optimizer silently ignored
+    (``train.momentum=0.8`` with AdamW would not do what it says)."""
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(overrides=overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_run_record_shows_the_optimizer_values_used(tmp_path):
+    """The resolved configuration a run record saves holds the values the optimizer was built with, and
+    loading it back gives the same configuration and fingerprint. Catches a record that says ``lr: null``,
+    one whose SGD values would come back under AdamW, and a fingerprint blind to the optimizer."""
+    import yaml
+
+    from bench.config import dump_yaml
+
+    cfg = load_config(overrides={"train.optimizer": "adamw", "methods": "arcface"})
+    written = yaml.safe_load(dump_yaml(cfg.resolved()))
+    assert {key: written["train"][key] for key in ADAMW_VALUES} == ADAMW_VALUES
+    record = tmp_path / "config.yaml"
+    record.write_text(dump_yaml(cfg.resolved()))
+    assert load_config(record).train == cfg.train and load_config(record).fingerprint() == cfg.fingerprint()
+    assert cfg.fingerprint() != load_config(overrides={"methods": "arcface"}).fingerprint()
+    assert load_config(overrides={"train.optimizer": "sgd"}).fingerprint() == load_config().fingerprint()
+
+
+def test_sgd_records_made_before_the_optimizer_key_keep_their_fingerprint():
+    """The keys added by issue 16 are left out of the fingerprint at the value every earlier run had
+    (optimizer sgd, no betas or eps), so committed run records are still found by fingerprint (``bench run``
+    reuse, ``bench reproduce``, ``bench report``'s claims). Catches a new key that re-hashes every record."""
+    from pathlib import Path
+
+    import yaml
+
+    records = sorted((Path(__file__).resolve().parents[1] / "results" / "claims").glob("*-cosface-*/config.yaml"))
+    if not records:
+        pytest.skip("no committed cosface record")
+    written = yaml.safe_load(records[0].read_text())
+    assert "optimizer" not in written["train"]  # made before the key existed
+    cfg = load_config(records[0]).for_method(written["method"]).resolved()
+    assert cfg.fingerprint() == written["config_fingerprint"]

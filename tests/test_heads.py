@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from methods.arcface import ArcFace, CombinedMargin, CosFace, SubCenterArcFace
+from methods.arcface import ArcFace, CombinedMargin, CosFace
+from methods.subcenter import SubCenterArcFace
 from methods.margin_softmax import SoftmaxWorkspace, margin_softmax_cross_entropy
 from methods.margins import ArcFaceRule, CosFaceRule, MVSoftmaxRule, NPCFaceRule, apply_rule, cosine_matrix
 from methods.mv_softmax import MVSoftmax
@@ -91,25 +92,26 @@ def reference_npcface(emb, w, labels, s, m, m0, m1, t, alpha):
     return _ce(rows, labels)
 
 
-def reference_mv(emb, w, labels, s, m, t, is_am):
-    """FaceX-Zoo head/MV_Softmax.py, written out per element (mv_weight = t + 1)."""
+def reference_mv(emb, w, labels, s, m, t, variant="adaptive", base="am", target_condition="facexzoo"):
+    """MV-Softmax per element: FaceX-Zoo head/MV_Softmax.py (adaptive, ``target_condition="facexzoo"``) and
+    the SV-X-Softmax fc_layers.py alternatives (fixed weight ``cos + t``; margin where cos > 0 or always)."""
     rows = []
     for i, row in enumerate(_cos_table(emb, w)):
         y = int(labels[i])
         cy = row[y]
-        if is_am:
-            thr = cy - m
-            target = cy - m if cy > m else cy
+        f = cy - m if base == "am" else torch.cos(torch.acos(cy) + m)
+        if target_condition == "always":
+            target = f
+        elif target_condition == "positive":
+            target = f if cy > 0 else cy
         else:
-            shifted = torch.cos(torch.acos(cy) + m)
-            thr = shifted
-            target = shifted if cy > 0 else cy
+            target = f if cy > (m if base == "am" else 0.0) else cy
         out = []
         for j, c in enumerate(row):
             if j == y:
                 c = target
-            elif c > thr:
-                c = (t + 1) * c + t
+            elif c > f:
+                c = (t + 1) * c + t if variant == "adaptive" else c + t
             out.append(s * c)
         rows.append(out)
     return _ce(rows, labels)
@@ -127,9 +129,13 @@ CASES = [
     ("subcenter", lambda: SubCenterArcFace(6, 7, k=3, s=64.0, m=0.5),
      lambda e, w, y: reference_subcenter(e, w, y, 64.0, 0.5, 3)),
     ("npcface", lambda: NPCFace(6, 7), lambda e, w, y: reference_npcface(e, w, y, 32.0, 0.35, 0.4, 0.2, 1.1, 0.2)),
-    ("mv-am", lambda: MVSoftmax(6, 7), lambda e, w, y: reference_mv(e, w, y, 32.0, 0.35, 0.2, True)),
-    ("mv-arc", lambda: MVSoftmax(6, 7, m=0.5, t=0.12, is_am=False),
-     lambda e, w, y: reference_mv(e, w, y, 32.0, 0.5, 0.12, False)),
+    ("mv-am", lambda: MVSoftmax(6, 7), lambda e, w, y: reference_mv(e, w, y, 32.0, 0.35, 0.12)),
+    ("mv-arc", lambda: MVSoftmax(6, 7, m=0.5, t=0.2, base="arc"),
+     lambda e, w, y: reference_mv(e, w, y, 32.0, 0.5, 0.2, base="arc")),
+    ("mv-am-fixed-svx", lambda: MVSoftmax(6, 7, t=0.2, variant="fixed", target_condition="positive"),
+     lambda e, w, y: reference_mv(e, w, y, 32.0, 0.35, 0.2, "fixed", "am", "positive")),
+    ("mv-arc-fixed-always", lambda: MVSoftmax(6, 7, variant="fixed", base="arc", target_condition="always"),
+     lambda e, w, y: reference_mv(e, w, y, 32.0, 0.35, 0.12, "fixed", "arc", "always")),
 ]
 
 
@@ -154,8 +160,8 @@ def test_head_matches_closed_form(name, make_head, reference):
 
 
 RULES = [ArcFaceRule(s=64.0, m=0.5), ArcFaceRule(s=64.0, m=0.5, straight_through=True),
-         CosFaceRule(s=64.0, m=0.4), MVSoftmaxRule(s=32.0), MVSoftmaxRule(s=32.0, m=0.5, is_am=False),
-         NPCFaceRule(s=32.0)]
+         CosFaceRule(s=64.0, m=0.4), MVSoftmaxRule(s=32.0), MVSoftmaxRule(s=32.0, m=0.5, base="arc"),
+         MVSoftmaxRule(s=32.0, variant="fixed", base="arc", target_condition="always"), NPCFaceRule(s=32.0)]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: repr(r))
@@ -181,7 +187,8 @@ def test_fused_cross_entropy_passes_gradcheck():
     labels = torch.tensor([0, 2, 5, 1, 2])
     # NPCFace is left out on purpose: its margin m' depends on the hard negatives' cosines without
     # gradient (as the authors compute it), so finite differences see a path the analytic gradient omits.
-    for rule in (ArcFaceRule(s=8.0, m=0.3), MVSoftmaxRule(s=4.0), MVSoftmaxRule(s=4.0, is_am=False)):
+    for rule in (ArcFaceRule(s=8.0, m=0.3), MVSoftmaxRule(s=4.0), MVSoftmaxRule(s=4.0, base="arc"),
+                 MVSoftmaxRule(s=4.0, variant="fixed")):
         assert torch.autograd.gradcheck(
             lambda e, c: margin_softmax_cross_entropy(e, c, labels, rule), (embeddings, centers))
     assert torch.autograd.gradcheck(
@@ -215,6 +222,9 @@ def test_head_validation_errors():
         NPCFace(4, 3, t=0.0)
     with pytest.raises(ConfigError, match="MVSoftmax: need"):
         MVSoftmax(4, 3, t=-1.0)
+    for key in ("variant", "base", "target_condition"):  # a typo must not silently pick a branch
+        with pytest.raises(ConfigError, match=f"MVSoftmax: {key} must be one of"):
+            MVSoftmax(4, 3, **{key: "am-softmax"})
     with pytest.raises(ConfigError, match="CombinedMargin: need"):
         CombinedMargin(4, 3, m1=0.0)
     with pytest.raises(ConfigError, match="k must be >= 1"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from methods.arcface import ArcFace, CosFace
-from methods.margins import arc_margin, cos_margin, replace_target, straight_through
+from methods.margins import ArcFaceRule, arc_margin, cos_margin, replace_target, straight_through
 from methods.registry import ConfigError
 
 
@@ -48,19 +48,52 @@ def test_arc_margin_gradient_is_that_of_cos_theta_plus_m():
     assert torch.allclose(c.grad, expected, atol=1e-10)
 
 
-def test_arc_margin_without_guard_and_easy_margin():
+def test_arc_margin_without_guard():
     theta = _angles(170, 100, 30)
     c = torch.cos(theta)
     assert torch.allclose(arc_margin(c, 0.5, guard=False), torch.cos(theta + 0.5), atol=1e-12)
-    easy = arc_margin(c, 0.5, easy_margin=True)
-    expected = torch.where(c > 0, torch.cos(theta + 0.5), c)
-    assert torch.allclose(easy, expected, atol=1e-12)
 
 
-def test_arc_margin_finite_gradient_at_cos_one():
-    c = torch.tensor([1.0, -1.0], requires_grad=True)
-    arc_margin(c, 0.5).sum().backward()
-    assert torch.isfinite(c.grad).all()
+def test_easy_margin_against_hand_computed_values():
+    """insightface's easy margin: cos(theta + m) where cos(theta) > 0, else cos(theta). With m = 30 deg:
+    theta = 30 -> cos 60 = 0.5; theta = 60 -> cos 90 = 0; theta = 120 -> kept, cos 120 = -0.5; theta = 170
+    -> kept (the default fallback would give cos 170 - (pi/6) sin 30 instead). Catches the easy margin
+    being dropped (theta = 120 would give cos 150) or applied on the wrong side of 0."""
+    c = torch.cos(_angles(30, 60, 120, 170)).requires_grad_(True)
+    out = arc_margin(c, math.pi / 6, easy_margin=True)
+    expected = torch.tensor([0.5, 0.0, -0.5, math.cos(math.radians(170))])
+    assert torch.allclose(out, expected, atol=1e-12)
+    out.sum().backward()
+    # d/dc cos(acos c + m) = cos m + sin m * c / sqrt(1 - c^2): at c = cos 30 deg, cos 30 + 0.5 cot 30 =
+    # sqrt(3); at c = cos 60 deg, cos 30 + 0.5 cot 60 = 2 / sqrt(3); the kept cosines have derivative 1.
+    assert torch.allclose(c.grad, torch.tensor([math.sqrt(3), 2 / math.sqrt(3), 1.0, 1.0]), atol=1e-12)
+
+
+def test_easy_margin_with_fallback_false_is_refused_in_one_line():
+    """fallback=False reproduces arcface_torch since Dec 2022, which has no easy margin: the combination
+    used to drop easy_margin silently. Catches that silence coming back (head, rule or margin function)."""
+    with pytest.raises(ConfigError, match="^ArcFace: easy_margin=True cannot be combined with fallback=False$"):
+        ArcFace(4, 3, easy_margin=True, fallback=False)
+    with pytest.raises(ConfigError, match="easy_margin=True cannot be combined with fallback=False"):
+        ArcFaceRule(s=64.0, easy_margin=True, guard=False)
+    with pytest.raises(ConfigError, match="easy_margin=True cannot be combined with guard=False"):
+        arc_margin(torch.tensor([0.5]), 0.5, easy_margin=True, guard=False)
+    for flag in (True, False):  # each of the two other combinations still builds
+        ArcFace(4, 3, easy_margin=flag, fallback=flag)
+
+
+def test_arc_margin_gradient_at_cos_minus_one_is_the_fallbacks():
+    """At cos = -1 exactly (an embedding opposite its center) the fallback (cos - m sin m, or cos itself
+    with easy_margin) is selected, so the gradient is exactly 1; the unselected branch's sqrt(1 - c^2) has an
+    infinite derivative there, which torch.where's backward turns into 0 * inf = NaN unless sin_from_cos
+    floors 1 - c^2. Catches the floor being removed (NaN), and a wrong branch at the edge (any value but 1)."""
+    for kwargs in ({}, {"easy_margin": True}):
+        c = torch.tensor([-1.0], requires_grad=True)
+        out = arc_margin(c, 0.5, **kwargs)
+        out.backward()
+        expected = -1.0 if kwargs else -1.0 - 0.5 * math.sin(0.5)
+        assert out.item() == pytest.approx(expected, abs=1e-15)
+        assert torch.isfinite(c.grad).all() and c.grad.item() == 1.0, kwargs
 
 
 def test_cos_margin_and_its_gradient():
@@ -71,12 +104,21 @@ def test_cos_margin_and_its_gradient():
     assert torch.allclose(c.grad, torch.ones(2))
 
 
-def test_straight_through_has_margin_value_and_identity_gradient():
-    c = torch.tensor([0.8, 0.1], requires_grad=True)
-    out = straight_through(c, arc_margin(c, 0.5))
-    out.sum().backward()
-    assert torch.allclose(out, arc_margin(c.detach(), 0.5))
-    assert torch.allclose(c.grad, torch.ones(2))
+def test_straight_through_value_is_arcface_and_gradient_is_the_plain_cosines():
+    """Forward: ArcFace's closed form cos(theta + m), written here from the angles. Backward: the gradient
+    of the plain cosine logit (no margin), taken by autograd on a separate expression. Weights w make the
+    upstream gradient non-uniform, so a gradient that ignores it, keeps the margin's derivative
+    (cos m + sin m cot theta) or is dropped fails."""
+    theta = _angles(20, 75, 110)
+    m = 0.5
+    w = torch.tensor([0.7, -1.3, 2.1])
+    c = torch.cos(theta).requires_grad_(True)
+    out = straight_through(c, arc_margin(c, m))
+    (w * out).sum().backward()
+    assert torch.allclose(out.detach(), torch.tensor([math.cos(t + m) for t in theta.tolist()]), atol=1e-12)
+    plain = torch.cos(theta).requires_grad_(True)
+    (w * plain).sum().backward()
+    assert torch.equal(c.grad, plain.grad)
 
 
 def test_replace_target_skips_negative_labels():
@@ -132,39 +174,67 @@ def test_head_loss_and_gradients_match_reference(head_cls, kwargs, target_fn):
     assert torch.allclose(grad_w, weight.grad, atol=1e-9)
 
 
-def test_arcface_handles_target_beyond_pi_minus_m():
-    # An embedding pointing away from its center exercises the fallback branch inside the head.
-    head = ArcFace(2, 2, s=10.0, m=0.5).double()
+@pytest.mark.parametrize("fallback", [True, False])
+def test_arcface_head_beyond_pi_minus_m_loss_and_gradients(fallback):
+    """Embeddings pointing away from their centers (theta_y = 170 and 160 deg > pi - m) put the target in the
+    fallback branch inside the head (with fallback=False: unguarded cos(theta + m)); the loss and both
+    gradients must equal the per-sample reference. Catches a head that skips the fallback, or whose
+    fallback gradient is wrong (cos - m sin m has derivative 1, cos(theta + m) there the opposite sign)."""
+    head = ArcFace(2, 3, s=10.0, m=0.5, fallback=fallback).double()
     with torch.no_grad():
-        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    embeddings = torch.tensor([[-1.0, 0.05]], requires_grad=True)
-    loss = head(embeddings, torch.tensor([0]))
-    ref = _reference_loss(embeddings.detach(), head.weight.detach(), torch.tensor([0]), 10.0, _arc_reference(0.5))
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.5, -1.5]]))
+    angles = _angles(170, 250)  # 170 deg from center 0 (at 0 deg); 250 deg is 160 deg from center 1 (90 deg)
+    embeddings = torch.stack([torch.cos(angles), torch.sin(angles)], 1).mul(3.0).requires_grad_(True)
+    labels = torch.tensor([0, 1])
+    loss = head(embeddings, labels)
+    loss.backward()
+    target = _arc_reference(0.5) if fallback else (lambda cos: torch.cos(torch.acos(cos) + 0.5))
+    emb_ref = embeddings.detach().clone().requires_grad_(True)
+    w_ref = head.weight.detach().clone().requires_grad_(True)
+    ref = _reference_loss(emb_ref, w_ref, labels, 10.0, target)
+    ref.backward()
+    assert (torch.cos(_angles(170, 160)) < math.cos(math.pi - 0.5)).all()  # both targets in the branch
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+    assert torch.allclose(embeddings.grad, emb_ref.grad, atol=1e-10)
+    assert torch.allclose(head.weight.grad, w_ref.grad, atol=1e-10)
+    logits_loss = torch.nn.functional.cross_entropy(head.logits(embeddings.detach(), labels), labels)
+    assert logits_loss.item() == pytest.approx(ref.item(), rel=1e-10)  # the plain path too
 
 
 def test_straight_through_arcface_gradient_equals_plain_normalised_softmax():
+    """arcface_torch since Dec 2022: the loss has ArcFace's value, and its gradient is that of
+    mean_i sum_k (p_ik - onehot_ik) s cos_ik with p the margin-applied softmax held constant. Both are built
+    here from the closed form (per-sample loop), independent of the head. Catches the straight-through
+    head differentiating the margin (the exact ArcFace gradient, shown to differ) or losing its value."""
     torch.manual_seed(1)
-    arc = ArcFace(4, 3, s=16.0, m=0.5, grad="straight_through").double()
-    plain = CosFace(4, 3, s=16.0, m=0.0).double()
-    with torch.no_grad():
-        plain.weight.copy_(arc.weight)
+    s, m = 16.0, 0.5
+    arc = ArcFace(4, 3, s=s, m=m, grad="straight_through").double()
     x1 = torch.randn(5, 4, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
     labels = torch.tensor([0, 1, 2, 0, 1])
     loss_arc = arc(x1, labels)
-    loss_plain = plain(x2, labels)
-    # the margin is in the value ...
-    assert loss_arc.item() > loss_plain.item()
-    # ... but the backward pass differentiates the margin-free logits with the margin-applied softmax
     loss_arc.backward()
-    logits = arc.logits(x1.detach(), labels)
-    probs = torch.softmax(logits, 1)
-    onehot = torch.nn.functional.one_hot(labels, 3).double()
-    x3 = x1.detach().clone().requires_grad_(True)
-    cos = torch.nn.functional.linear(torch.nn.functional.normalize(x3), torch.nn.functional.normalize(arc.weight.detach()))
-    (((probs - onehot) * 16.0 * cos).sum() / 5).backward()
-    assert torch.allclose(x1.grad, x3.grad, atol=1e-10)
+
+    weight = arc.weight.detach()
+    x_ref = x1.detach().clone().requires_grad_(True)
+    assert loss_arc.item() == pytest.approx(
+        _reference_loss(x_ref.detach(), weight, labels, s, _arc_reference(m)).item(), rel=1e-12)
+    surrogate = []
+    for i in range(5):
+        xi = x_ref[i] / x_ref[i].norm()
+        cos = torch.stack([torch.dot(xi, weight[j] / weight[j].norm()) for j in range(3)])
+        logits = s * torch.stack([_arc_reference(m)(c.detach()) if j == labels[i] else c.detach()
+                                  for j, c in enumerate(cos)])
+        p = torch.softmax(logits, 0)
+        onehot = torch.nn.functional.one_hot(labels[i], 3).double()
+        surrogate.append(((p - onehot) * s * cos).sum())
+    torch.stack(surrogate).mean().backward()
+    assert torch.allclose(x1.grad, x_ref.grad, atol=1e-10)
+    exact = ArcFace(4, 3, s=s, m=m).double()
+    with torch.no_grad():
+        exact.weight.copy_(arc.weight)
+    x2 = x1.detach().clone().requires_grad_(True)
+    exact(x2, labels).backward()
+    assert not torch.allclose(x2.grad, x1.grad, atol=1e-3)  # so the check above can tell them apart
 
 
 def test_heads_run_in_float32_and_reject_bad_values():

@@ -94,7 +94,7 @@ def test_parameters_are_resolved_by_the_base_class_only(name):
 
 @pytest.mark.parametrize("name, cfg, other", [("dcq", {"queue_size": 8}, {"queue_size": 4}),
                                               ("sst", {"queue_size": 8}, {"queue_size": 4}),
-                                              ("prototype_memory", {"memory_size": 6}, {"memory_size": 3})])
+                                              ("prototype_memory", {"memory_size": 6}, {"memory_size": 5})])
 def test_a_checkpoint_of_another_size_is_refused_not_resized(name, cfg, other):
     """No resize-on-load: a state dict whose queue or memory has another capacity than the method was built
     with is refused (the run's shape decides the capacity, and a checkpoint of the same run always fits).

@@ -1,5 +1,7 @@
-"""Partial FC: r = 1 equals the full head; sampling keeps every positive; sparse updates touch only the
-sampled rows (weights and momentum bitwise unchanged elsewhere); dense updates move every row."""
+"""Partial FC: r = 1 equals the full head; r < 1 equals a plain float64 reference over the sampled columns;
+sampling keeps every positive; sparse updates touch only the sampled rows (weights and optimizer state
+bitwise unchanged elsewhere; SGD's momentum and Adam's per-row moments and step counts against independent
+per-row optimizers); dense updates move every row."""
 
 from __future__ import annotations
 
@@ -119,6 +121,80 @@ def test_sparse_update_touches_only_sampled_rows_bitwise():
         assert torch.allclose(after_m, momentum_ref, atol=1e-15)
 
 
+ADAM_VARIANTS = [(torch.optim.AdamW, {"weight_decay": 0.1}), (torch.optim.Adam, {"weight_decay": 1e-2}),
+                 (torch.optim.AdamW, {"weight_decay": 0.1, "amsgrad": True})]
+
+
+@pytest.mark.parametrize("optimizer_cls, options", ADAM_VARIANTS)
+def test_sparse_adam_keeps_each_rows_own_state(optimizer_cls, options):
+    """Sparse update with Adam / AdamW (issue 16: it crashed with ``KeyError: 'step'``). Independent
+    reference: every class center is a parameter of its own with its own torch optimizer, stepped only at
+    the steps where the center was sampled, with the gradient the head gave its column. After each step
+    the head's centers, moments and per-row step counts equal the reference's (1e-12, float64), and the
+    rows not sampled (weights and state) are bitwise unchanged. Catches: a global step count in the bias
+    corrections (insightface v1 PartialFCAdamW), moments or decay reaching rows not sampled, state
+    written back to the wrong rows, and Adam's L2 decay confused with AdamW's decoupled decay."""
+    torch.manual_seed(8)
+    num_classes = 40
+    head = PartialFC(8, num_classes, sample_rate=0.2)
+    optimizer = optimizer_cls([head.active_weight], lr=0.01, **options)
+    head.attach_optimizer(optimizer)
+    rows = [torch.nn.Parameter(head.weight[c].clone()) for c in range(num_classes)]
+    reference = [optimizer_cls([row], lr=0.01, **options) for row in rows]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))  # lr read per step
+    for step in range(6):
+        labels = torch.randint(0, num_classes, (6,))
+        before = {name: value.clone() for name, value in head.state_dict().items() if torch.is_tensor(value)}
+        optimizer.zero_grad()
+        head(torch.randn(6, 8), labels).backward()
+        sampled, grad = head.sampled_classes.clone(), head.active_weight.grad.clone()
+        optimizer.step()
+        head.step_end()
+        schedule.step()
+        for column, center in enumerate(sampled.tolist()):
+            rows[center].grad = grad[column].clone()
+            for group in reference[center].param_groups:
+                group["lr"] = 0.01 / (1 + step)
+            reference[center].step()
+        untouched = torch.ones(num_classes, dtype=torch.bool)
+        untouched[sampled] = False
+        for name in ("weight", "row_state_exp_avg", "row_state_exp_avg_sq", "row_state_step"):
+            assert torch.equal(getattr(head, name)[untouched], before[name][untouched]), name
+        torch.testing.assert_close(head.weight, torch.stack([row.detach() for row in rows]), rtol=0, atol=1e-12)
+        for key in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if options.get("amsgrad") else ())):
+            expected = torch.stack([ref.state[row][key] if ref.state[row] else torch.zeros(8)
+                                    for ref, row in zip(reference, rows)])
+            torch.testing.assert_close(getattr(head, f"row_state_{key}"), expected, rtol=0, atol=1e-12)
+        steps = [int(ref.state[row]["step"]) if ref.state[row] else 0 for ref, row in zip(reference, rows)]
+        assert head.row_state_step.tolist() == steps
+    assert len(set(steps)) > 1  # the rows were sampled at different rates: the per-row counts mattered
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.AdamW, torch.optim.SGD])
+def test_sparse_at_rate_one_steps_like_dense(optimizer_cls):
+    """At r = 1 every center is sampled every step, so the sparse update's per-row state must reproduce
+    torch's own optimizer on the dense weight: the per-row Adam arithmetic (and SGD's swapped momentum)
+    against torch's implementation, over 4 steps with weight decay. Catches an off-by-one in the per-row
+    step count, a missing or doubled weight decay, and bias corrections that differ from torch's."""
+    torch.manual_seed(9)
+    sparse = PartialFC(8, 20, sample_rate=1.0, update="sparse")
+    dense = PartialFC(8, 20, sample_rate=1.0, update="dense")
+    with torch.no_grad():
+        dense.weight.copy_(sparse.weight)
+    options = {"lr": 0.05, "weight_decay": 0.1} | ({"momentum": 0.9} if optimizer_cls is torch.optim.SGD else {})
+    optimizers = [optimizer_cls([head.active_weight if head is sparse else head.weight], **options)
+                  for head in (sparse, dense)]
+    sparse.attach_optimizer(optimizers[0])
+    for _ in range(4):
+        x, labels = torch.randn(6, 8), torch.randint(0, 20, (6,))
+        for head, optimizer in zip((sparse, dense), optimizers):
+            optimizer.zero_grad()
+            head(x, labels).backward()
+            optimizer.step()
+            head.step_end()
+    torch.testing.assert_close(sparse.weight, dense.weight.detach(), rtol=0, atol=1e-12)
+
+
 def test_dense_update_moves_every_row():
     torch.manual_seed(3)
     head = PartialFC(8, 200, sample_rate=0.1, update="dense")
@@ -150,11 +226,80 @@ def test_state_dict_resumes_sampling_and_momentum():
     assert torch.equal(head.weight, clone.weight)
 
 
-def test_logits_are_never_batch_by_classes():
-    """With r < 1 the loss only ever sees [B, K] logits: check via the sampled set size."""
+def test_active_weight_holds_exactly_the_sampled_centers():
+    """Catches: ``active_weight`` holding other rows than the sampled classes' centers (a stale or shifted
+    gather, a wrong slice of the reused workspace), a sample that drops a positive or has the wrong size,
+    and columns in another order than the one the labels were remapped to. The columns are the sampled
+    class ids in increasing order (insightface partial_fc_v2.py sorts the top-k indices and remaps the
+    labels with searchsorted), so a label's column holds its own center. With r < 1 the loss only ever
+    sees ``[B, K]`` logits: K = ceil(r * C), not C."""
+    torch.manual_seed(5)
     head = PartialFC(4, 10_000, sample_rate=0.01)
-    head(torch.randn(8, 4), torch.randint(0, 10_000, (8,))).backward()
-    assert head.active_weight.shape == (100, 4) and head.active_weight.grad.shape == (100, 4)
+    labels = torch.tensor([17, 9_999, 17, 0, 512, 4_096, 2, 511])
+    for step in range(3):  # the reused workspace must hold each step's own rows
+        head(torch.randn(8, 4), labels).backward()
+        sampled = head.sampled_classes
+        assert sampled.numel() == 100 and torch.all(sampled[1:] > sampled[:-1])
+        assert set(labels.tolist()) <= set(sampled.tolist())
+        assert torch.equal(head.active_weight.detach(), head.weight[sampled])
+        assert head.active_weight.grad.shape == (100, 4)
+        columns = [sampled.tolist().index(label) for label in labels.tolist()]  # the remapped labels
+        assert torch.equal(head.active_weight.detach()[columns], head.weight[labels])
+        head.step_end()
+        labels = torch.randint(0, 10_000, (8,))
+
+
+def _reference_loss(x: torch.Tensor, centers: torch.Tensor, columns: list[int], margin: str, s: float,
+                    m: float) -> torch.Tensor:
+    """The margin softmax written plainly, sample by sample: cosines to the given centers, the target
+    column's cosine replaced by CosFace's ``cos - m`` or ArcFace's ``cos(theta + m)``, scaled by ``s``,
+    then cross-entropy averaged over the batch."""
+    losses = []
+    for i, column in enumerate(columns):
+        cosines = torch.stack([torch.dot(x[i], center) / (x[i].norm() * center.norm()) for center in centers])
+        target = cosines[column] - m if margin == "cosface" else torch.cos(torch.acos(cosines[column]) + m)
+        logits = s * torch.cat([cosines[:column], target.reshape(1), cosines[column + 1:]])
+        losses.append(torch.logsumexp(logits, dim=0) - logits[column])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+@pytest.mark.parametrize("margin", ["cosface", "arcface"])
+def test_sampled_softmax_against_a_plain_reference(margin, update):
+    """r < 1 against an independent float64 reference: it gathers the sampled columns itself (from the class
+    ids the head reports), finds each label's column by searching that list, and computes the margin softmax
+    by hand. Loss, embedding gradient and the sampled centers' gradient must agree (1e-10); the dense
+    update's gradient must be zero on every center not sampled. Catches: a label remapped to the wrong
+    column (the loss would use another center as the target), a margin applied to the wrong column, a
+    gradient scattered to the wrong rows, and logits over centers that were not sampled."""
+    torch.manual_seed(7)
+    s, m = 64.0, (0.4 if margin == "cosface" else 0.5)
+    head = PartialFC(8, 60, sample_rate=0.2, margin=margin, update=update)
+    labels = torch.tensor([3, 41, 3, 17, 59, 0, 22, 41])
+    x = (head.weight.detach()[labels] * 40 + torch.randn(8, 8)).requires_grad_(True)
+    loss = head(x, labels)
+    loss.backward()
+    sampled = head.sampled_classes.tolist()
+    assert len(sampled) == 12 and set(labels.tolist()) <= set(sampled)
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    centers_ref = head.weight.detach()[sampled].clone().requires_grad_(True)
+    columns = [sampled.index(label) for label in labels.tolist()]
+    if margin == "arcface":  # the plain formula has no theta + m > pi fallback: stay where none applies
+        cos_y = torch.nn.functional.cosine_similarity(x_ref.detach(), centers_ref.detach()[columns])
+        assert torch.all(torch.acos(cos_y) + m < math.pi)
+    reference = _reference_loss(x_ref, centers_ref, columns, margin, s, m)
+    reference.backward()
+
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
+    if update == "sparse":
+        torch.testing.assert_close(head.active_weight.grad, centers_ref.grad, rtol=0, atol=1e-10)
+    else:
+        torch.testing.assert_close(head.weight.grad[sampled], centers_ref.grad, rtol=0, atol=1e-10)
+        unsampled = torch.ones(60, dtype=torch.bool)
+        unsampled[sampled] = False
+        assert torch.all(head.weight.grad[unsampled] == 0)
 
 
 def test_configuration_errors():

@@ -51,7 +51,7 @@ def expected_columns(case: str, classes: int) -> int:
     if case == "dcq":
         return max(G, int(0.1 * classes) // G * G)                  # 10 % of the classes, whole batches of G
     if case == "pm":
-        return min(classes, 16_384)                                 # one prototype per class, capped
+        return max(G, round(0.1 * classes))                         # 10 % of the classes, at least a batch
     if case == "sst":
         return max(G, min(16_384, classes // 2) // G * G)           # paper queue, at most half the classes
     raise AssertionError(case)
@@ -101,7 +101,7 @@ def test_logit_columns_match_the_closed_form(profiled: tuple[Path, Any]) -> None
     hand = {  # the formula evaluated by hand at B = 16, G = 8
         ("arcface", 100): 100, ("pfc-0.1", 100): 16, ("pfc-0.1", 1_000): 100, ("pfc-0.2", 100): 20,
         ("pfc-0.2", 4_000): 800, ("dcq", 100): 8, ("dcq", 1_000): 96, ("dcq", 4_000): 400,
-        ("pm", 4_000): 4_000, ("sst", 100): 48, ("sst", 1_000): 496, ("sst", 4_000): 2_000,
+        ("pm", 4_000): 400, ("pm", 100): 10, ("sst", 100): 48, ("sst", 1_000): 496, ("sst", 4_000): 2_000,
     }
     for key, columns in hand.items():
         assert expected_columns(*key) == columns

@@ -214,22 +214,46 @@ def test_memory_errors_and_state_round_trip():
         assert torch.equal(tensor, fresh.state_dict()[name]), name
 
 
+def _brute_force_nearest(memory: ClassMemory, label: int, count: int) -> list[int]:
+    """A loop over the occupied slots: the ``count`` other labels by descending cosine, -1 past them."""
+    slots = [i for i in range(memory.capacity) if int(memory.labels[i]) != NO_LABEL]
+    own = [i for i in slots if int(memory.labels[i]) == label]
+    if not own:
+        return [NO_LABEL] * count
+    query = memory.prototypes[own[0]].double()
+    sims = sorted(((float(query @ memory.prototypes[i].double()), int(memory.labels[i])) for i in slots
+                   if i != own[0]), reverse=True)
+    found = [lab for _, lab in sims[:count]]
+    return found + [NO_LABEL] * (count - len(found))
+
+
 def test_nearest_classes_against_brute_force():
+    """Nearest classes by prototype cosine against a loop, in a memory with empty slots and one after
+    evictions (slot order unrelated to labels). Catches a class returned as its own neighbour, an empty
+    slot returned (one planted with the query's exact row: the most similar if not masked), neighbours
+    out of order, -1 missing past the stored classes or for a class not in memory, and a result left
+    on another device or dtype."""
     generator = torch.Generator().manual_seed(0)
-    memory = ClassMemory(dim=8, capacity=10)
-    labels = torch.arange(100, 108)
+    partial = ClassMemory(dim=8, capacity=12)
     prototypes = torch.nn.functional.normalize(torch.randn(8, 8, generator=generator), dim=1)
-    memory.write(prototypes, labels)
-    query = torch.tensor([103, 100, 555])
-    found = memory.nearest_classes(query, 3)
-    for row, label in enumerate(query.tolist()):
-        if label == 555:
-            assert (found[row] == NO_LABEL).all()
-            continue
-        i = label - 100
-        sims = [(float(prototypes[i] @ prototypes[j]), 100 + j) for j in range(8) if j != i]
-        assert found[row].tolist() == [lab for _, lab in sorted(sims, reverse=True)[:3]]
-    assert (memory.nearest_classes(torch.tensor([100]), 12)[0, 7:] == NO_LABEL).all()  # only 7 others
+    partial.write(prototypes, torch.arange(100, 108))
+    empty = int((partial.labels == NO_LABEL).nonzero()[0])
+    partial.prototypes[empty] = prototypes[3]  # a stale row in an empty slot, identical to class 103's
+    evicted = ClassMemory(dim=8, capacity=6)
+    for step in range(5):
+        labels = torch.randperm(20, generator=generator)[:4]
+        evicted.write(torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=1), labels)
+    for memory, queries in ((partial, [103, 100, 555, 107]), (evicted, list(range(20)))):
+        query = torch.tensor(queries)
+        for count in (0, 1, 3, 12):
+            found = memory.nearest_classes(query, count)
+            assert found.dtype == torch.int64 and found.shape == (len(queries), count)
+            assert found.tolist() == [_brute_force_nearest(memory, label, count) for label in queries]
+    assert (partial.nearest_classes(torch.tensor([103]), 12)[0, 7:] == NO_LABEL).all()  # only 7 others
+    assert partial.nearest_classes(torch.tensor([], dtype=torch.long), 3).shape == (0, 3)
+    assert ClassMemory(dim=8, capacity=4).nearest_classes(torch.tensor([1, 2]), 2).tolist() == [[-1, -1]] * 2
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        partial.nearest_classes(torch.tensor([100]), -1)
 
 
 def test_staged_write_commits_the_last_staged_rows_once():

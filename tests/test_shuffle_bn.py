@@ -2,11 +2,13 @@
 
 With two gloo ranks, a key is the BatchNorm of its image with the statistics of the slice of the shared
 permutation it landed in, not of its own rank's slice: checked against BatchNorm computed by hand from
-the permutation. In one process the option changes nothing.
+the permutation. In one process the option changes nothing, and the methods that use it (DCQ, SST,
+MASST) have it on by default, as their authors (issue 16).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -72,13 +74,47 @@ def test_one_process_is_unchanged():
     assert torch.equal(shuffled(images), plain(images))
 
 
-def test_methods_expose_the_option():
+MOMENTUM_METHODS = ("dcq", "sst", "masst")
+
+
+def test_methods_shuffle_by_default_as_their_authors():
+    """Issue 16: DCQ's authors shuffle the key batch across their 4 GPUs (``_batch_shuffle_ddp``) and
+    FaceX-Zoo's SST shuffles before every gallery pass, so ``shuffle_bn`` defaults to on, and reaches every
+    momentum copy (MASST: every agent, each with its own permutations). Catches a default left off, an
+    option that does not reach the copy, and agents sharing one permutation stream."""
     from methods.base import METHODS
+    from tests.method_helpers import build_tiny
 
-    for name in ("dcq", "sst", "masst"):
-        assert METHODS.get(name).defaults()["shuffle_bn"] is False
-    from methods.dcq import DCQ
+    for name in MOMENTUM_METHODS:
+        assert METHODS.get(name).defaults()["shuffle_bn"] is True
+    assert build_tiny("dcq").weight_generator.shuffle_bn
+    galleries = build_tiny("masst", {"num_agents": 3}).galleries
+    assert all(gallery.shuffle_bn for gallery in galleries)
+    assert len({int(gallery.shuffle_seed) for gallery in galleries}) == 3
+    assert not build_tiny("dcq", {"shuffle_bn": False}).weight_generator.shuffle_bn
 
-    method = DCQ.from_config(nn.Flatten(), MethodContext(num_classes=10, embedding_size=12, global_batch_size=4),
-                             {"shuffle_bn": True})
-    assert method.weight_generator.shuffle_bn
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", MOMENTUM_METHODS)
+def test_one_process_trains_bit_for_bit_as_without_shuffling(name):
+    """In one process there is nothing to shuffle across, so the default (on) trains exactly as
+    ``shuffle_bn=False`` did: three harness SGD steps on the BatchNorm backbone give the same losses and
+    the same state, bit for bit, besides the shuffling buffers (the seed, and the call count that keeps the
+    state independent of the number of ranks). Catches a permutation applied in one process (BatchNorm
+    sums in another order), and a shuffling seed drawn from the global generator, which would move every
+    later draw (the queue's initial rows)."""
+    from tests.method_helpers import build_tiny, harness_sgd, train_steps, view_batch
+
+    batches = [view_batch([0, 1, 2, 3], seed=0), view_batch([4, 5, 6, 7], seed=1), view_batch([8, 9, 10, 11], seed=2)]
+    runs = {}
+    for shuffle in (True, False):
+        method = build_tiny(name, {"shuffle_bn": shuffle})
+        runs[shuffle] = (train_steps(method, harness_sgd(method), batches), method.state_dict())
+    assert runs[True][0] == runs[False][0]
+    shuffled_state, plain_state = runs[True][1], runs[False][1]
+    extra = {key for key in shuffled_state if key.endswith(("shuffle_seed", "shuffle_calls"))}
+    assert set(shuffled_state) - extra == set(plain_state) and extra
+    for key, value in plain_state.items():
+        assert torch.equal(shuffled_state[key], value), key
+    calls = sum(int(shuffled_state[key]) for key in extra if key.endswith("shuffle_calls"))
+    assert calls == {"dcq": 3, "sst": 6, "masst": 6}[name]  # key passes: 1 per step (DCQ), 2 (SST, MASST)

@@ -31,9 +31,33 @@ def test_resolve_device():
 
 
 def test_train_settings_defaults_are_the_insightface_recipe():
+    """SGD (insightface configs/base.py, train_v2.py) by default; AdamW's own defaults when it is chosen in
+    code (configs/wf42m_pfc03_40epoch_8gpu_vit_b.py, torch's betas and eps). Values written by hand."""
     settings = TrainSettings()
+    assert settings.optimizer == "sgd"
     assert (settings.momentum, settings.weight_decay, settings.grad_clip_norm) == (0.9, 5e-4, 5.0)
-    assert np.isclose(settings.lr, 0.1)
+    assert np.isclose(settings.lr, 0.1) and settings.betas is None and settings.eps is None
+    adamw = TrainSettings(optimizer="adamw")
+    assert (adamw.lr, adamw.weight_decay, adamw.betas, adamw.eps, adamw.momentum) == (1e-3, 0.1, [0.9, 0.999],
+                                                                                      1e-8, None)
+    assert settings.with_optimizer("adamw") == adamw and adamw.with_optimizer("sgd") == settings
+
+
+def test_build_optimizer_follows_the_settings():
+    """Catches a builder that hard-codes SGD or drops a setting: the optimizer class and every group's
+    hyperparameters are the settings'. SGD's are unchanged by issue 16 (momentum 0.9, weight decay 5e-4)."""
+    from bench.train import build_optimizer
+    from tests.method_helpers import build_tiny
+
+    method = build_tiny("arcface")
+    sgd = build_optimizer(method, TrainSettings())
+    assert type(sgd) is torch.optim.SGD
+    assert all((g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.1, 0.9, 5e-4, False)
+               for g in sgd.param_groups)
+    adamw = build_optimizer(method, TrainSettings(optimizer="adamw", lr=2e-3, betas=[0.8, 0.99]))
+    assert type(adamw) is torch.optim.AdamW
+    assert all((g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (2e-3, (0.8, 0.99), 1e-8, 0.1)
+               for g in adamw.param_groups)
 
 
 def test_seed_everything_sets_the_deterministic_switch_both_ways():

@@ -25,7 +25,9 @@ class TrainData(Protocol):
     ``labels`` are the trained class ids ``0..num_classes-1`` of the split's images; ``load`` returns uint8
     images ``[B, 3, S, S]`` (RGB, ``S = image_size``) and their labels. A set with ``decodes_on_demand``
     is loaded in DataLoader workers (:class:`bench.data.loader.BatchLoader`) and its ``load`` also takes
-    ``flip=mask`` (mirror those images while decoding); ``info`` goes to ``data.json``.
+    ``flip=mask`` (mirror those images while decoding); ``info`` goes to ``data.json``. A set that knows
+    which of its labels it corrupted on purpose exposes ``label_flipped`` (bool ``[N]``; SynthFace's label
+    noise), read with ``getattr`` by the diagnostics that score against it.
     """
 
     decodes_on_demand: ClassVar[bool]
@@ -46,7 +48,9 @@ class TrainSet:
     """Decoded training images with their class labels, in memory (SynthFace).
 
     ``labels`` are the trained class ids ``0..num_classes-1`` (after any label noise); ``identities``
-    are the pool identity of each image (the truth, for diagnostics).
+    are the pool identity of each image and ``label_flipped`` marks the images whose label the label noise
+    changed (the truth, for diagnostics such as :func:`bench.curation.curation_report`; None: the set does
+    not know, as for real data).
     """
 
     images: torch.Tensor
@@ -54,6 +58,7 @@ class TrainSet:
     identities: np.ndarray
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+    label_flipped: np.ndarray | None = None
     decodes_on_demand: ClassVar[bool] = False
 
     def __len__(self) -> int:

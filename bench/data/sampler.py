@@ -8,7 +8,7 @@ The only state is the number of batches served (``state_dict``).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -16,6 +16,8 @@ from methods.registry import ConfigError
 
 #: Stream ids separating the random draws of different purposes under one seed.
 _EPOCH_PERMUTATION, _VIEW_CHOICE = 0, 1
+#: Stream 2 is the loader's flips (bench.data.loader); 3 fills hard-class batches.
+_HARD_FILL = 3
 
 
 class _Sampler:
@@ -141,13 +143,100 @@ class ClassBalancedBatchSampler(_Sampler):
             stream = self._stream(start, 2 * p, n)
             _, first = np.unique(stream, return_index=True)
             chosen = stream[np.sort(first)[:p]]
+        return self._views(chosen, number)
+
+    def _views(self, groups: np.ndarray, number: int) -> np.ndarray:
+        """The images of batch ``number``: ``k`` of each identity group in ``groups``, identity-major."""
         rng = np.random.default_rng([self.seed, _VIEW_CHOICE, number])
         picks = []
-        for group in chosen:
+        for group in groups:
             members = self._members[group]
             replace = self.views_with_replacement or members.shape[0] < self.views
             picks.append(rng.choice(members, size=self.views, replace=replace))
         return np.concatenate(picks)
+
+
+class HardClassBatchSampler(ClassBalancedBatchSampler):
+    """Class-balanced batches composed by hard-class mining (``BatchSpec.hard_class_neighbours = n``).
+
+    Of the ``P = batch_size // k`` identities of a batch, ``A = ceil(P / (n + 1))`` are anchors, taken from
+    the identity stream of :class:`ClassBalancedBatchSampler` (every identity an anchor once per epoch);
+    each anchor is followed by the ``n`` identities that ``nearest(anchors, n)`` names (the method's
+    :meth:`methods.base.Method.nearest_classes`: class ids, ``-1`` for unknown). A neighbour that is
+    unknown, not in this training set, or already in the batch leaves its slot to the next identity of a
+    fill stream drawn per batch (``(seed, stream 3, batch number)``), so every batch has ``P`` distinct
+    identities however little the method knows yet (at the first step: nothing).
+
+    ``nearest`` is called when the batch is composed, so a batch depends on the method's state at that
+    moment: on the in-memory path (SynthFace) that is after the previous optimizer step, so a run resumed
+    from a checkpoint composes the same batches; where batches are decoded ahead by DataLoader workers,
+    they are composed up to :data:`bench.data.loader.PREFETCH_BATCHES` per worker steps early (slightly
+    older neighbours).
+    """
+
+    def __init__(self, labels: np.ndarray, batch_size: int, views_per_class: int, seed: int,
+                 neighbours: int, nearest: Callable[[np.ndarray, int], np.ndarray],
+                 views_with_replacement: bool = False) -> None:
+        super().__init__(labels, batch_size, views_per_class, seed, views_with_replacement=views_with_replacement)
+        if neighbours < 1:
+            raise ConfigError(f"hard-class mining needs >= 1 neighbour per anchor identity, got {neighbours}")
+        self.neighbours, self.nearest = neighbours, nearest
+        self.anchors_per_batch = -(-self.classes_per_batch // (neighbours + 1))
+
+    def batch(self, number: int) -> np.ndarray:
+        p, a, n = self.classes_per_batch, self.anchors_per_batch, self.identities.shape[0]
+        anchors = self._stream(number * a, a, n)
+        if len(np.unique(anchors)) < a:  # across an epoch boundary: as ClassBalancedBatchSampler.batch
+            stream = self._stream(number * a, 2 * a, n)
+            _, first = np.unique(stream, return_index=True)
+            anchors = stream[np.sort(first)[:a]]
+        proposed = np.asarray(self.nearest(self.identities[anchors], self.neighbours), dtype=np.int64)
+        if proposed.shape != (a, self.neighbours):
+            raise ValueError(f"nearest() returned shape {proposed.shape}, expected {(a, self.neighbours)}")
+        # Class ids -> identity groups of this sampler (-1: unknown or not in this training set).
+        position = np.searchsorted(self.identities, proposed).clip(0, n - 1)
+        groups = np.where(self.identities[position] == proposed, position, -1)
+        chosen: list[int] = []
+        taken: set[int] = set()
+        for anchor, row in zip(anchors.tolist(), groups.tolist()):
+            for group in (anchor, *row):
+                if group >= 0 and group not in taken and len(chosen) < p:
+                    chosen.append(group)
+                    taken.add(group)
+        if len(chosen) < p:
+            fill = np.random.default_rng([self.seed, _HARD_FILL, number]).permutation(n)
+            chosen.extend([g for g in fill.tolist() if g not in taken][:p - len(chosen)])
+        return self._views(np.asarray(chosen, dtype=np.int64), number)
+
+
+class CuratedSampler:
+    """``sampler`` over a kept subset of a training set, from global batch ``first_batch`` on.
+
+    ``sampler`` draws positions in ``kept`` (the indices of the images kept, e.g. after sub-center
+    ArcFace's purification); this wrapper serves ``kept[positions]`` and numbers its batches globally
+    (``first_batch`` + the inner sampler's count), so per-batch draws keyed by the batch number (the
+    loader's flips) continue the run's sequence, and ``batches_served`` is the run's step.
+    """
+
+    def __init__(self, sampler: _Sampler, kept: np.ndarray, first_batch: int) -> None:
+        self.sampler, self.kept, self.first_batch = sampler, np.asarray(kept, dtype=np.int64), int(first_batch)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for positions in self.sampler:
+            yield self.kept[positions]
+
+    @property
+    def batches_served(self) -> int:
+        return self.first_batch + self.sampler.batches_served
+
+    def state_dict(self) -> dict[str, int]:
+        return {**self.sampler.state_dict(), "batches_served": self.batches_served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        served = int(state["batches_served"])
+        if served < self.first_batch:
+            raise ConfigError(f"sampler state at batch {served} is before the curation at batch {self.first_batch}")
+        self.sampler.load_state_dict({**state, "batches_served": served - self.first_batch})
 
 
 def _reorder_with_gap(previous: np.ndarray, priority: np.ndarray, gap: int) -> np.ndarray:

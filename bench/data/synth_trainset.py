@@ -93,4 +93,5 @@ def synthface_trainset(settings: DataSettings, progress: bool = True) -> TrainSe
             "split": {"recipe": split.recipe, **split.stats},
             "label_noise": {"fraction": synth_settings.label_noise, "flipped_images": int(flipped.sum())}}
     return TrainSet(images=rendered.images, labels=torch.from_numpy(labels.astype(np.int64)),
-                    identities=identities, num_classes=int(clean_labels.max()) + 1, info=info)
+                    identities=identities, num_classes=int(clean_labels.max()) + 1, info=info,
+                    label_flipped=flipped)

@@ -31,7 +31,7 @@ from bench.data.synth_trainset import TRAIN_NAMESPACE
 from bench.profiling import PeakMemory
 from bench.runner import make_sampler
 from bench.train import Trainer, seed_everything
-from methods.base import METHODS, BatchSpec, MethodContext, build_method
+from methods.base import METHODS, Method, MethodContext, build_method
 from tests.gpu.gpu_settings import GpuSizes, gpu_preset, render_faces, synchronize
 
 
@@ -53,10 +53,10 @@ def pool(sizes: GpuSizes) -> FacePool:
     return FacePool(images, labels)
 
 
-def _batches(pool: FacePool, spec: BatchSpec, batch_size: int, device: torch.device
+def _batches(pool: FacePool, method: Method, batch_size: int, device: torch.device
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The method's batches from the harness's sampler, normalised on the device as the loader does."""
-    for indices in make_sampler(spec, pool, batch_size, seed=0):
+    for indices in make_sampler(method, pool, batch_size, seed=0):
         index = torch.from_numpy(indices)
         yield normalise(pool.images[index].to(device)), pool.labels[index].to(device)
 
@@ -85,7 +85,7 @@ def test_method_trains_with_amp(name: str, device: torch.device, sizes: GpuSizes
     method = build_method(name, backbone, ctx, preset.method_params.get(name)).to(device)
     trainer = Trainer(method, settings, device, total_steps=sizes.train_steps)
     memory = PeakMemory(device)
-    losses, times = _train(trainer, _batches(pool, method.batch_spec, settings.batch_size, device),
+    losses, times = _train(trainer, _batches(pool, method, settings.batch_size, device),
                            sizes.train_steps, device)
     window = sizes.loss_window
     first, last = statistics.fmean(losses[:window]), statistics.fmean(losses[-window:])

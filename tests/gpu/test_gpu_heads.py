@@ -22,7 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from methods.arcface import ArcFace, CombinedMargin, CosFace, SubCenterArcFace
+from methods.arcface import ArcFace, CombinedMargin, CosFace
+from methods.subcenter import SubCenterArcFace
 from methods.mv_softmax import MVSoftmax
 from methods.npcface import NPCFace
 from methods.partial_fc import PartialFC
