@@ -145,6 +145,10 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     #: Names of the encoders this method can evaluate with; the first is the default.
     encoder_names: ClassVar[tuple[str, ...]] = ("backbone",)
+    #: Parameters whose default is ours or not confirmed by the paper or the authors' code (the module
+    #: docstring says why); ``bench list`` marks them. A subclass adds to its parent's; a head registered
+    #: with :func:`register_head` declares them on the head class.
+    unconfirmed_defaults: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, batch_spec: BatchSpec = BatchSpec()) -> None:
         super().__init__()
@@ -179,6 +183,15 @@ class Method(nn.Module):
             if "__init__" in vars(klass):
                 out.update(parameter_defaults(klass.__init__, _CONTRACT_ARGS))
         return out
+
+    @classmethod
+    def unconfirmed(cls) -> tuple[str, ...]:
+        """The parameters of :meth:`defaults` whose default is ours or unconfirmed, in :meth:`defaults` order."""
+        marked = {name for klass in cls.__mro__ for name in vars(klass).get("unconfirmed_defaults", ())}
+        head = getattr(cls, "head_cls", None)
+        if head is not None and "__init__" not in vars(cls):
+            marked = set(getattr(head, "unconfirmed_defaults", ()))
+        return tuple(name for name in cls.defaults() if name in marked)
 
     @classmethod
     def resolve_params(cls, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -31,6 +31,8 @@ _CONTRACT_ARGS = ("backbone", "ctx")
 _REGISTER_HEAD, _REGISTER_METHOD = "register_head", "register_method"
 #: The base class whose own constructor arguments are not hyperparameters.
 _METHOD_BASE = "Method"
+#: The class attribute naming the defaults that are ours or unconfirmed (:class:`methods.base.Method`).
+_UNCONFIRMED = "unconfirmed_defaults"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class MethodInfo:
     module: str
     aliases: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: The defaults that are ours or unconfirmed (``unconfirmed_defaults`` of the class), in defaults order.
+    unconfirmed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Class:
 
     bases: list[str]
     init_defaults: dict[str, Any] | None
+    unconfirmed: tuple[str, ...] = ()
 
 
 def _literal(node: ast.expr) -> Any:
@@ -69,6 +74,16 @@ def _init_defaults(cls: ast.ClassDef) -> dict[str, Any] | None:
             pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
             return {arg.arg: _literal(default) for arg, default in pairs}
     return None
+
+
+def _unconfirmed(cls: ast.ClassDef) -> tuple[str, ...]:
+    """The class body's ``unconfirmed_defaults = (...)`` (with or without an annotation), else ()."""
+    for item in cls.body:
+        target = item.target if isinstance(item, ast.AnnAssign) else (
+            item.targets[0] if isinstance(item, ast.Assign) and len(item.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == _UNCONFIRMED and item.value is not None:
+            return tuple(ast.literal_eval(item.value))
+    return ()
 
 
 def _registration(call: ast.expr) -> tuple[str, str, tuple[str, ...]] | None:
@@ -93,7 +108,7 @@ def _scan(directory: Path) -> tuple[dict[str, _Class], list[tuple[str, str, str,
         for node in tree.body:
             if isinstance(node, ast.ClassDef):
                 classes[node.name] = _Class([b.id for b in node.bases if isinstance(b, ast.Name)],
-                                            _init_defaults(node))
+                                            _init_defaults(node), _unconfirmed(node))
                 for decorator in node.decorator_list:
                     found = _registration(decorator)
                     if found:
@@ -128,12 +143,23 @@ def _defaults(classes: dict[str, _Class], function: str, class_name: str) -> dic
     return out
 
 
+def _marked(classes: dict[str, _Class], function: str, class_name: str, defaults: dict[str, Any]) -> tuple[str, ...]:
+    """The defaults marked unconfirmed, as :meth:`methods.base.Method.unconfirmed`: a head's own class's; a
+    Method's, with those of every class below ``Method``."""
+    lineage = _lineage(classes, class_name)
+    marked = set(classes[class_name].unconfirmed) if function == _REGISTER_HEAD else {
+        name for c in lineage for name in classes[c].unconfirmed}
+    return tuple(name for name in defaults if name in marked)
+
+
 @functools.lru_cache(maxsize=1)
 def method_catalog() -> dict[str, MethodInfo]:
     """Every method registered in the source of ``methods``, by canonical name (sorted)."""
     classes, registrations = _scan(Path(__file__).resolve().parent)
-    catalog = {name: MethodInfo(module, aliases, _defaults(classes, function, class_name))
-               for function, name, module, aliases, class_name in registrations}
+    catalog = {}
+    for function, name, module, aliases, class_name in registrations:
+        defaults = _defaults(classes, function, class_name)
+        catalog[name] = MethodInfo(module, aliases, defaults, _marked(classes, function, class_name, defaults))
     return dict(sorted(catalog.items()))
 
 

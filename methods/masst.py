@@ -46,6 +46,9 @@ UPDATES = ("active", "all")
 class MASST(SST):
     """Multi-Agent SST: a rotated stack of momentum gallery agents sharing one prototype queue."""
 
+    #: The paper's agent count and rotation/update rules could not be read (module docstring).
+    unconfirmed_defaults = ("num_agents", "rotation", "update")
+
     def __init__(self, backbone: nn.Module, ctx: MethodContext, *, num_agents: int = 3, rotation: str = "sequential",
                  update: str = "active", **sst_params: Any) -> None:
         super().__init__(backbone, ctx, **sst_params)

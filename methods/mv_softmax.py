@@ -54,6 +54,9 @@ from methods.registry import ConfigError
 class MVSoftmax(MarginHead):
     """MV-Softmax head (see module docstring for the formula and the source of each default)."""
 
+    #: FaceX-Zoo's rule is the default; which one the paper's runs used could not be confirmed.
+    unconfirmed_defaults = ("target_condition",)
+
     def __init__(self, embedding_size: int, num_classes: int, s: float = 32.0, m: float = 0.35, t: float = 0.12,
                  variant: str = "adaptive", base: str = "am", target_condition: str = "facexzoo",
                  dist: DistContext | None = None) -> None:

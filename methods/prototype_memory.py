@@ -51,7 +51,8 @@ Defaults and their sources:
   FaceBench's other sampled-class methods (DCQ's ``queue_fraction``, its paper's "10% of classes"; Partial
   FC's ``sample_rate``), so they are compared at equal budgets. SynthFace's shallow split (1,000
   identities, batch 128 of 2 views): 100 slots for 64 classes per batch. The floor of one batch keeps tiny
-  runs valid.
+  runs valid. A fraction grows with the dataset (200,000 rows at 2M classes): for a cost independent of
+  the dataset's size, as the abstract has it, set ``memory_size``.
 - ``loss = "cosface"``, ``s = 64``, ``m = 0.4``: ours: a margin softmax on the positive (the abstract:
   "various loss functions"); the values are insightface's CosFace configuration, as FaceBench's
   ``cosface``. ``loss = "arcface"`` takes ``m`` in radians (``methods.margins.arc_margin``).
@@ -99,6 +100,10 @@ LOSSES = ("cosface", "arcface")
 @register_method("prototype_memory", aliases=("pm",))
 class PrototypeMemory(Method):
     """Prototype Memory: in-batch prototypes, leave-one-out positives, refreshed FIFO-aged memory."""
+
+    #: No public code and the paper's body could not be read: these are ours (module docstring).
+    unconfirmed_defaults = ("views_per_class", "memory_fraction", "loss", "s", "m", "batch_prototype_grad",
+                            "leave_one_out", "hard_mining_neighbours")
 
     def __init__(self, backbone: nn.Module, ctx: MethodContext, *, views_per_class: int = 2, memory_size: int = 0,
                  memory_fraction: float = 0.1, loss: str = "cosface", s: float = 64.0, m: float = 0.4,

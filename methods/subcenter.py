@@ -127,6 +127,8 @@ class SubCenterArcFaceMethod(HeadMethod):
     """Sub-center ArcFace, with the optional purification stage after ``drop_at`` of the steps."""
 
     head_cls = SubCenterArcFace
+    #: When to purify is not given by the paper (module docstring).
+    unconfirmed_defaults = ("drop_at",)
 
     def __init__(self, backbone: nn.Module, ctx: MethodContext, *, k: int = 3, s: float = 64.0, m: float = 0.5,
                  drop_at: float = 0.0, drop_angle_deg: float = 75.0) -> None:

@@ -86,10 +86,33 @@ def test_method_catalog_matches_the_registry():
 
     _import_every_method_module()
     expected = {name: (METHODS.get(name).__module__, tuple(METHODS.aliases_of(name)),
-                       list(METHODS.get(name).defaults().items())) for name in METHODS.names()}
+                       list(METHODS.get(name).defaults().items()), METHODS.get(name).unconfirmed())
+                for name in METHODS.names()}
     assert len(expected) >= 11
-    assert {name: (f"methods.{info.module}", info.aliases, list(info.defaults.items()))
+    assert {name: (f"methods.{info.module}", info.aliases, list(info.defaults.items()), info.unconfirmed)
             for name, info in method_catalog().items()} == expected
+
+
+def test_every_default_marked_unconfirmed_is_a_parameter_and_bench_list_marks_it():
+    """Each name a method class lists in ``unconfirmed_defaults`` is one of its parameters (a renamed
+    parameter would silently lose its mark), the marks reach ``bench list`` with the legend, and the
+    methods whose docstrings list ours / unconfirmed defaults have marks (Prototype Memory's memory
+    fraction, sub-center ArcFace's drop_at, MASST's agents)."""
+    from methods.base import METHODS
+
+    _import_every_method_module()
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        declared = {n for klass in method.__mro__ for n in vars(klass).get("unconfirmed_defaults", ())}
+        head = vars(method).get("head_cls")
+        declared |= set(getattr(head, "unconfirmed_defaults", ())) if head is not None else set()
+        assert declared <= set(method.defaults()), (name, declared - set(method.defaults()))
+    lines = listing_lines("methods")
+    assert "memory_fraction=0.1*" in next(line for line in lines if "prototype_memory" in line)
+    assert "drop_at=0.0*" in next(line for line in lines if line.strip().startswith("subcenter"))
+    assert "num_agents=3*" in next(line for line in lines if line.strip().startswith("masst"))
+    assert "*" not in next(line for line in lines if line.strip().startswith("arcface"))
+    assert lines[-1].startswith("  (* a default that is ours or not confirmed")
 
 
 def test_registry_populates_itself_in_a_fresh_process():
@@ -132,9 +155,10 @@ def test_listing_prints_what_the_registries_hold():
     for name in METHODS.names():
         aliases = METHODS.aliases_of(name)
         alias_text = f" (alias: {', '.join(aliases)})" if aliases else ""
-        detail = ", ".join(f"{k}={v}" for k, v in METHODS.get(name).defaults().items())
+        marked = METHODS.get(name).unconfirmed()
+        detail = ", ".join(f"{k}={v}{'*' if k in marked else ''}" for k, v in METHODS.get(name).defaults().items())
         expected.append(f"  {name}{alias_text}  {detail}")
-    assert lines[1:] == expected
+    assert lines[1:-1] == expected
     assert listing_lines("splits") == ["splits:", "  full", "  longtail", "  shallow"]
     assert SECTIONS == ("methods", "backbones", "datasets", "splits", "protocols")
 

@@ -208,3 +208,30 @@ def test_run_with_seeds_repeats_each_method_in_one_group(tmp_path, tiny_args):
 def test_seeds_must_be_positive(tmp_path, tiny_args):
     result = runner.invoke(app, ["run", "--methods", "cosface", "--seeds", "0", *tiny_args])
     assert result.exit_code == 2 and result.stderr.strip() == "error: seeds must be >= 1, got 0"
+
+
+def test_report_tabulates_the_curation_of_runs_that_curated(tmp_path):
+    """A run whose perf.json holds a curation report gets a row in "Training-data curation" (counts,
+    shares, precision and recall as recorded); runs without one add nothing, and no curation at all means
+    no section. Catches the section missing, a run without curation listed, and precision/recall swapped."""
+    import json
+
+    directory = tmp_path / "results"
+    plain = write_record(directory, "20260101-000000-subcenter-s0-aaaa", "subcenter", 0, 0.8, 0.2)
+    write_report(directory, tmp_path / "reports", figures=False)
+    assert "Training-data curation" not in (tmp_path / "reports" / "results.md").read_text()
+    curated = write_record(directory, "20260101-000001-subcenter-s1-bbbb", "subcenter", 1, 0.8, 0.2)
+    perf = json.loads((curated / "perf.json").read_text())
+    perf["curation"] = {"step": 562, "images": 20000, "dropped": 770, "dropped_fraction": 0.0385, "classes": 1000,
+                        "classes_removed": 3, "label_noise": {"flipped": 4000, "flipped_fraction": 0.2,
+                                                              "dropped_and_flipped": 700, "precision": 0.909,
+                                                              "recall": 0.175, "flipped_kept": 3300}}
+    (curated / "perf.json").write_text(json.dumps(perf))
+    write_report(directory, tmp_path / "reports", figures=False)
+    text = (tmp_path / "reports" / "results.md").read_text()
+    section = text[text.index("## Training-data curation"):]
+    rows = [line for line in section.splitlines() if line.startswith("| 2026")]
+    assert rows == ["| 20260101-000001-subcenter-s1-bbbb | subcenter | 562          | 20,000   | 770 (3.9%) "
+                    "| 3                 | 4,000 (20.0%) | 0.909       | 0.175    |"]
+    assert plain.name not in section
+    assert "562" in (tmp_path / "reports" / "results.tex").read_text()

@@ -29,6 +29,8 @@ HARNESS_CATALOG: dict[str, dict[str, tuple[str, ...]]] = {
                                         "vgg2_fp")},
 }
 
+#: Marks a default that is ours or unconfirmed (``unconfirmed_defaults`` of the method's class).
+UNCONFIRMED_MARK = "*"
 #: The listing's sections, in print order.
 SECTIONS = ("methods", "backbones", "datasets", "splits", "protocols")
 
@@ -37,15 +39,19 @@ def listing_lines(section: str) -> list[str]:
     """The lines ``bench list`` prints for one section: ``name (alias: a, b)  k=v, ...`` in name order
     (defaults for methods only)."""
     if section == "methods":
-        entries = {name: (info.aliases, info.defaults) for name, info in method_catalog().items()}
+        entries = {name: (info.aliases, info.defaults, info.unconfirmed) for name, info in method_catalog().items()}
     else:
-        entries = {name: (aliases, None) for name, aliases in HARNESS_CATALOG[section].items()}
+        entries = {name: (aliases, None, ()) for name, aliases in HARNESS_CATALOG[section].items()}
     lines = [f"{section}:"]
     for name in sorted(entries):
-        aliases, defaults = entries[name]
+        aliases, defaults, unconfirmed = entries[name]
         alias_text = f" (alias: {', '.join(sorted(aliases))})" if aliases else ""
-        detail = "  " + ", ".join(f"{k}={v}" for k, v in defaults.items()) if defaults is not None else ""
+        detail = ("  " + ", ".join(f"{k}={v}{UNCONFIRMED_MARK if k in unconfirmed else ''}"
+                                   for k, v in defaults.items()) if defaults is not None else "")
         lines.append(f"  {name}{alias_text}{detail}")
+    if section == "methods":
+        lines.append(f"  ({UNCONFIRMED_MARK} a default that is ours or not confirmed by the paper or the authors' code; "
+                     f"the method module's docstring says why)")
     return lines
 
 

@@ -20,7 +20,8 @@ def reproduce_command(
                                                               "Default: every registered claim."),
     seeds: int = typer.Option(5, "--seeds", help="Seeds per arm (0 .. N-1), paired across arms."),
     budget: Optional[int] = typer.Option(None, "--budget", help="Samples seen per run, replacing every claim's budget. "
-                                                               "Default: the registry's (40000)."),
+                                                               "Default: each claim's (the registry's 40000 unless "
+                                                               "the claim sets train.budget)."),
     out: Path = typer.Option(Path("results/claims"), "--out", help="Where the claims' runs are written and reused."),
     reports: Path = typer.Option(Path("reports"), "--reports", help="Where claims.md, claims.tex and figures/ go."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key in every run, e.g. --set train.lr=0.05."),

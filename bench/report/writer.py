@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report.claims import ClaimRow, write_claims_files
+from bench.report.curation_table import curation_section
 from bench.report.profile_table import profile_section
 from bench.report.runs import load_records, provenance, runs_frame, summary_frame
 from bench.report.staging import StagedFiles
@@ -54,6 +55,10 @@ def _write_report_files(records: list[dict[str, Any]], results_dir: Path, out_di
     if not summary.empty:
         parts += ["## Results\n", TABLE_NOTE + "\n", provenance(summary) + "\n", to_markdown(summary) + "\n"]
         tex_parts.append(to_latex(summary, provenance(summary)))
+    curation_md, curation_tex = curation_section(records)
+    if curation_md:
+        parts.append(curation_md)
+        tex_parts.append("\n" + curation_tex)
     if profile_md:
         parts.append(profile_md)
         tex_parts.append("\n" + profile_tex)
