@@ -169,10 +169,6 @@ class TrainSettings:
             if getattr(self, key) is None:
                 setattr(self, key, list(value) if isinstance(value, list) else value)
 
-    def with_optimizer(self, optimizer: str) -> TrainSettings:
-        """These settings with ``optimizer`` and all of its defaults (the optimizer keys set here dropped)."""
-        return dataclasses.replace(self, optimizer=optimizer, **{key: None for key in OPTIMIZER_KEYS})
-
 
 @dataclass
 class EvalSettings:

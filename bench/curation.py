@@ -31,18 +31,21 @@ CURATION_BATCH = 512
 
 @dataclass
 class Curation:
-    """The outcome of one curation: the step after which it ran and the kept images (bool ``[N]``)."""
+    """The outcome of one curation: the step after which it ran, the kept images (bool ``[N]``) and what
+    the run records of it (:func:`curation_report`, derived once, when it ran)."""
 
     step: int
     keep: np.ndarray
+    report: dict[str, Any]
 
     def state(self) -> dict[str, Any]:
-        """For a checkpoint payload (a tensor, so torch.load's weights-only reader accepts it)."""
-        return {"step": self.step, "keep": torch.from_numpy(self.keep.copy())}
+        """For a checkpoint payload (a tensor and plain values, so torch.load's weights-only reader accepts it)."""
+        return {"step": self.step, "keep": torch.from_numpy(self.keep.copy()), "report": self.report}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Curation:
-        return cls(step=int(state["step"]), keep=torch.as_tensor(state["keep"]).numpy().astype(bool))
+        return cls(step=int(state["step"]), keep=torch.as_tensor(state["keep"]).numpy().astype(bool),
+                   report=dict(state["report"]))
 
     @property
     def kept_indices(self) -> np.ndarray:
@@ -60,23 +63,26 @@ def embed_trainset(encoder: torch.nn.Module, trainset: TrainData, device: torch.
 
 
 def curate_trainset(method: Method, trainset: TrainData, device: torch.device, step: int) -> Curation:
-    """Run ``method``'s curation over the whole training set (every rank computes the same)."""
+    """Run ``method``'s curation over the whole training set (every rank computes the same) and score it
+    against the set's flipped labels where it knows them (``label_flipped``)."""
     embeddings = embed_trainset(method.encoder(), trainset, device)
     keep = method.curate(embeddings.to(device), trainset.labels.to(device))
     keep = keep.detach().cpu().numpy().astype(bool)
     if keep.shape != (len(trainset),):
         raise ValueError(f"method '{method.name}': curate returned shape {keep.shape}, expected ({len(trainset)},)")
-    return Curation(step=step, keep=keep)
+    report = curation_report(step, keep, trainset.labels.numpy(), getattr(trainset, "label_flipped", None))
+    return Curation(step=step, keep=keep, report=report)
 
 
-def curation_report(curation: Curation, labels: np.ndarray, flipped: np.ndarray | None) -> dict[str, Any]:
-    """What ``curation.json`` records: images and classes dropped; with ``flipped`` (the ground truth of
-    which labels were corrupted), precision and recall of the dropped set against it."""
-    keep, labels = curation.keep, np.asarray(labels)
+def curation_report(step: int, keep: np.ndarray, labels: np.ndarray, flipped: np.ndarray | None) -> dict[str, Any]:
+    """What ``curation.json`` records of a curation after ``step`` that kept ``keep``: images and classes
+    dropped; with ``flipped`` (the ground truth of which labels were corrupted), precision and recall of
+    the dropped set against it."""
+    keep, labels = np.asarray(keep, dtype=bool), np.asarray(labels)
     dropped = ~keep
     classes = np.unique(labels)
     report: dict[str, Any] = {
-        "step": curation.step, "images": int(keep.size), "dropped": int(dropped.sum()),
+        "step": step, "images": int(keep.size), "dropped": int(dropped.sum()),
         "dropped_fraction": float(dropped.mean()) if keep.size else 0.0,
         "classes": int(classes.size), "classes_removed": int(classes.size - np.unique(labels[keep]).size),
     }

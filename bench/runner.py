@@ -26,7 +26,7 @@ from bench.backbones import BACKBONES, build_backbone
 from bench.checkpoint import Checkpointer, read_manifest, rng_state, set_rng_state
 from bench.config import RunConfig, load_config
 from bench.data.catalog import DATASETS, build_trainset
-from bench.curation import Curation, curate_trainset, curation_report
+from bench.curation import Curation, curate_trainset
 from bench.data.datasets import TrainData, TrainSet
 from bench.data.loader import BatchLoader
 from bench.data.sampler import (ClassBalancedBatchSampler, CuratedSampler, HardClassBatchSampler, RandomBatchSampler,
@@ -219,10 +219,9 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
             if curated or method.curation_step != step:
                 return
             curated.append(curate_trainset(method, trainset, device, step))
-            report = curation_report(curated[0], trainset.labels.numpy(), getattr(trainset, "label_flipped", None))
             if dist.is_main:
-                _write_record_files(record, {"curation.json": report}, "the run continues")
-                _say_curation(console, method_name, report)
+                _write_record_files(record, {"curation.json": curated[0].report}, "the run continues")
+                _say_curation(console, method_name, curated[0].report)
             kept = make_sampler(method, trainset, t.batch_size, t.seed, curated[0])
             kept.load_state_dict({**kept.state_dict(), "batches_served": step})
             batches.use(kept)
@@ -265,8 +264,7 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
                     "world_size": dist.world_size, "batch_size": t.batch_size,
                     "views_per_class": method.batch_spec.views_per_class, "resumed_from_step": resumed_from,
                     "checkpoint_failures": checkpoints.failures,
-                    "curation": (curation_report(curated[0], trainset.labels.numpy(),
-                                                 getattr(trainset, "label_flipped", None)) if curated else None),
+                    "curation": curated[0].report if curated else None,
                     "parameters": {"backbone": _count(backbone.parameters()),
                                    "method_total": _count(method.parameters())}}
             # metrics.json last: its presence marks the record complete.

@@ -33,7 +33,6 @@ from bench.profiling import PeakMemory, StepTimer
 from methods.base import Method
 from bench.distributed import all_gather_objects, average_gradients, mean_over_ranks
 from methods.distributed import DistContext
-from methods.registry import ConfigError
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -80,9 +79,7 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], TrainSettings], torch.opti
 def build_optimizer(method: Method, settings: TrainSettings) -> torch.optim.Optimizer:
     """The ``settings.optimizer`` over the method's parameter groups, one set of hyperparameters for all
     (insightface train_v2.py: the backbone and Partial FC groups share lr and weight decay)."""
-    if settings.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {settings.optimizer!r}")
-    return OPTIMIZERS[settings.optimizer](method.param_groups(), settings)
+    return OPTIMIZERS[settings.optimizer](method.param_groups(), settings)  # the name was validated with the config
 
 
 class NonFiniteLossError(FloatingPointError):

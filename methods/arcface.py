@@ -68,10 +68,6 @@ def arcface_rule(owner: str, s: float, m: float, grad: str = "exact", easy_margi
         raise ConfigError(f"{owner}: margin m must be in [0, pi) radians, got {m}")
     if grad not in ("exact", "straight_through"):
         raise ConfigError(f"{owner}: grad must be 'exact' or 'straight_through', got {grad!r}")
-    if easy_margin and not fallback:
-        # easy_margin is the old insightface alternative to the theta + m > pi fallback; fallback=False
-        # reproduces arcface_torch since Dec 2022, which has no easy margin. Refused, not half-applied.
-        raise ConfigError(f"{owner}: easy_margin=True cannot be combined with fallback=False")
     return ArcFaceRule(s=float(s), m=float(m), easy_margin=bool(easy_margin), guard=bool(fallback),
                        straight_through=grad == "straight_through")
 

@@ -173,7 +173,10 @@ class ArcFaceRule(MarginRule):
 
     def __post_init__(self) -> None:
         if self.easy_margin and not self.guard:
-            raise ConfigError("ArcFace: easy_margin=True cannot be combined with fallback=False (guard=False)")
+            # easy_margin is the old insightface alternative to the theta + m > pi fallback; fallback=False
+            # (guard) reproduces arcface_torch since Dec 2022, which has no easy margin: refused at
+            # construction (arc_margin refuses it too), not half-applied.
+            raise ConfigError("ArcFace: easy_margin=True cannot be combined with fallback=False")
 
     def target_logit(self, cos_y: torch.Tensor, hard_mean: torch.Tensor | None = None) -> torch.Tensor:
         adjusted = arc_margin(cos_y, self.m, easy_margin=self.easy_margin, guard=self.guard)

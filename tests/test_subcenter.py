@@ -136,21 +136,22 @@ def test_curation_report_counts_against_the_flipped_labels():
     keep = np.array([1, 1, 0, 1, 1, 0, 1, 1, 0, 0], dtype=bool)
     flipped = np.array([0, 0, 1, 1, 0, 1, 1, 0, 1, 0], dtype=bool)
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
-    report = curation_report(Curation(step=7, keep=keep), labels, flipped)
+    report = curation_report(7, keep, labels, flipped)
     assert report["dropped"] == 4 and report["images"] == 10 and report["classes_removed"] == 1
     noise = report["label_noise"]
     assert noise["precision"] == pytest.approx(3 / 4) and noise["recall"] == pytest.approx(3 / 5)
     assert noise["flipped"] == 5 and noise["flipped_kept"] == 2 and noise["flipped_fraction"] == 0.5
-    assert "label_noise" not in curation_report(Curation(step=7, keep=keep), labels, None)
-    nothing = curation_report(Curation(step=7, keep=np.ones(10, bool)), labels, flipped)
+    assert "label_noise" not in curation_report(7, keep, labels, None)
+    nothing = curation_report(7, np.ones(10, bool), labels, flipped)
     assert nothing["label_noise"]["precision"] is None
 
 
 def test_curation_state_round_trips_through_weights_only_loading(tmp_path):
-    curation = Curation(step=12, keep=np.array([True, False, True]))
+    report = curation_report(12, np.array([True, False, True]), np.array([0, 0, 1]), np.array([False, True, False]))
+    curation = Curation(step=12, keep=np.array([True, False, True]), report=report)
     torch.save(curation.state(), tmp_path / "c.pt")
     back = Curation.from_state(torch.load(tmp_path / "c.pt", weights_only=True))
-    assert back.step == 12 and back.keep.tolist() == [True, False, True]
+    assert back.step == 12 and back.keep.tolist() == [True, False, True] and back.report == report
 
 
 @pytest.mark.parametrize("inner", ["random", "balanced"])

@@ -134,16 +134,20 @@ class ClassBalancedBatchSampler(_Sampler):
         return self._gapped_orders[epoch]
 
     def batch(self, number: int) -> np.ndarray:
-        p, n = self.classes_per_batch, self.identities.shape[0]
-        start = number * p
-        chosen = self._stream(start, p, n)
-        # Across an epoch boundary the next permutation may repeat an identity already in this batch:
-        # take further identities from the new epoch instead.
-        if len(np.unique(chosen)) < p:
-            stream = self._stream(start, 2 * p, n)
+        p = self.classes_per_batch
+        return self._views(self._distinct_identities(number * p, p), number)
+
+    def _distinct_identities(self, start: int, count: int) -> np.ndarray:
+        """``count`` distinct identity groups from position ``start`` of the identity stream. Across an epoch
+        boundary the next permutation may repeat an identity already taken: further identities of the new
+        epoch are taken instead."""
+        n = self.identities.shape[0]
+        chosen = self._stream(start, count, n)
+        if len(np.unique(chosen)) < count:
+            stream = self._stream(start, 2 * count, n)
             _, first = np.unique(stream, return_index=True)
-            chosen = stream[np.sort(first)[:p]]
-        return self._views(chosen, number)
+            chosen = stream[np.sort(first)[:count]]
+        return chosen
 
     def _views(self, groups: np.ndarray, number: int) -> np.ndarray:
         """The images of batch ``number``: ``k`` of each identity group in ``groups``, identity-major."""
@@ -185,11 +189,7 @@ class HardClassBatchSampler(ClassBalancedBatchSampler):
 
     def batch(self, number: int) -> np.ndarray:
         p, a, n = self.classes_per_batch, self.anchors_per_batch, self.identities.shape[0]
-        anchors = self._stream(number * a, a, n)
-        if len(np.unique(anchors)) < a:  # across an epoch boundary: as ClassBalancedBatchSampler.batch
-            stream = self._stream(number * a, 2 * a, n)
-            _, first = np.unique(stream, return_index=True)
-            anchors = stream[np.sort(first)[:a]]
+        anchors = self._distinct_identities(number * a, a)
         proposed = np.asarray(self.nearest(self.identities[anchors], self.neighbours), dtype=np.int64)
         if proposed.shape != (a, self.neighbours):
             raise ValueError(f"nearest() returned shape {proposed.shape}, expected {(a, self.neighbours)}")
