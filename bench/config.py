@@ -62,6 +62,8 @@ OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "betas", "eps")
 #: Keys added after run records existed, and the value every earlier run had: left out of the fingerprint at
 #: that value, so that earlier records (results/claims) keep their fingerprint and are still reused.
 FINGERPRINT_NEUTRAL_TRAIN = {"optimizer": "sgd", "betas": None, "eps": None}
+#: The same for ``data.synthface`` keys.
+FINGERPRINT_NEUTRAL_SYNTHFACE = {"lowres_fraction": 0.0, "lowres_min_px": 8}
 
 #: ``train.device`` values: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (ours: the spellings the harness
 #: resolves; anything else, e.g. ``cuda:x``, would reach ``torch.device`` and fail with a traceback).
@@ -84,6 +86,10 @@ class SynthFaceSettings:
     twin_fraction: float = 0.1
     #: Fraction of training images whose label is flipped to another identity of the split.
     label_noise: float = 0.0
+    #: Fraction of training images brought down to a random side in [lowres_min_px, image_size) px with
+    #: antialiasing and back up (very-low-resolution training faces, as TinyFace's; ours: 0 = none).
+    lowres_fraction: float = 0.0
+    lowres_min_px: int = 8
 
 
 @dataclass
@@ -228,6 +234,10 @@ class RunConfig:
                             and not (k in FINGERPRINT_NEUTRAL_TRAIN and v == FINGERPRINT_NEUTRAL_TRAIN[k])}
         # Where the files are and how many processes decode them do not change the results.
         payload["data"] = {k: v for k, v in payload["data"].items() if k not in ("path", "workers")}
+        lowres_off = payload["data"]["synthface"].get("lowres_fraction") == 0.0
+        payload["data"]["synthface"] = {k: v for k, v in payload["data"]["synthface"].items()
+                                        if not (k in FINGERPRINT_NEUTRAL_SYNTHFACE
+                                                and (lowres_off or v == FINGERPRINT_NEUTRAL_SYNTHFACE[k]))}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -379,6 +389,9 @@ def validate(cfg: RunConfig) -> None:
     require(0 <= s.nuisance <= 3, f"data.synthface.nuisance must be in [0, 3], got {s.nuisance}")
     require(0 <= s.twin_fraction <= 1, f"data.synthface.twin_fraction must be in [0, 1], got {s.twin_fraction}")
     require(0 <= s.label_noise < 1, f"data.synthface.label_noise must be in [0, 1), got {s.label_noise}")
+    require(0 <= s.lowres_fraction <= 1, f"data.synthface.lowres_fraction must be in [0, 1], got {s.lowres_fraction}")
+    require(1 <= s.lowres_min_px < s.image_size, f"data.synthface.lowres_min_px must be in [1, image_size = "
+                                                  f"{s.image_size}), got {s.lowres_min_px}")
     require(sp.shallow_images >= 1, f"data.split.shallow_images must be >= 1, got {sp.shallow_images}")
     require(sp.longtail_exponent > 0, f"data.split.longtail_exponent must be > 0, got {sp.longtail_exponent}")
     require(sp.longtail_min_images >= 1,

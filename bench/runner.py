@@ -259,7 +259,10 @@ def train_and_evaluate(cfg: RunConfig, method_name: str, trainset: TrainSet, pro
         if dist.is_main:
             eval_start = time.perf_counter()
             encoder = method.encoder(cfg.eval.encoder or None)
-            metrics = {p.name: p.evaluate(encoder, device, cfg.eval.batch_size) for p in protocols}
+            metrics = {p.name: p.evaluate(encoder, device, cfg.eval.batch_size,
+                                          **({"quality": method.quality} if getattr(p, "needs_quality", False)
+                                             else {}))
+                       for p in protocols}
             perf = {**result.perf(), "eval_wall_time_s": time.perf_counter() - eval_start, "device": str(device),
                     "world_size": dist.world_size, "batch_size": t.batch_size,
                     "views_per_class": method.batch_spec.views_per_class, "resumed_from_step": resumed_from,

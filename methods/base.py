@@ -18,6 +18,7 @@ keeps between steps (class centers, momentum encoders, queues, memories). The ha
   asks the sampler for hard-class mining; ``method.curate(embeddings, labels)`` once after
   ``method.curation_step`` when the method cleans its training data (sub-center ArcFace);
 - ``method.encoder(name)`` for inference, ``method.encoder_names`` for what exists;
+  ``method.quality(features)`` for a method that also estimates face quality (Recognizability Index);
 - ``method.param_groups()`` for the optimizer; ``state_dict()`` holds all kept state so resume is exact.
 
 Heads that are plain losses over embeddings (ArcFace, CosFace, ...) are ``nn.Module`` s usable alone,
@@ -230,6 +231,12 @@ class Method(nn.Module):
         update the method's own state and return which images to keep (bool ``[N]``); the harness trains on
         the kept images from the next step on. Called once, after step :attr:`curation_step`."""
         raise NotImplementedError(f"method '{self.name}' does not curate its training data")
+
+    def quality(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Face quality estimation: one score per row of encoder features ``[N, D]`` (the default encoder's
+        output, unnormalised; higher = more recognizable), or None, the default, for a method that estimates
+        no quality (the quality protocol then scores only the method-independent quality measures)."""
+        return None
 
     def encoder(self, which: str | None = None) -> nn.Module:
         """The network used at inference; ``which`` picks one of :attr:`encoder_names`."""

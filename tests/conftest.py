@@ -34,7 +34,8 @@ def _restore_deterministic_switch():
 def tiny_eval(monkeypatch):
     """The synthetic protocols at toy sizes (the real protocols and formats, far fewer images):
     synth-lfw with 10 folds of 4 + 4 pairs from 40 identities; synth-ijbc with 8 subjects x 3 templates;
-    synth-megaface with 4 people x 3 images and 10 / 40 distractors."""
+    synth-megaface with 4 people x 3 images and 10 / 40 distractors; synth-lowres with 8 subjects at 8 and 16 px;
+    synth-quality with 12 subjects x 3 images."""
     from bench.eval import synth_benchmarks
     from bench.eval.verification import SynthLFW
 
@@ -46,6 +47,14 @@ def tiny_eval(monkeypatch):
                         synth_benchmarks.SynthMegaFaceSizes(identities=4, images_per_identity=3,
                                                             distractor_sizes=(10, 40), probe_noise=0.2,
                                                             distractor_noise=0.1))
+    from bench.eval import synth_degraded
+
+    monkeypatch.setattr(synth_degraded, "SYNTH_LOWRES",
+                        synth_degraded.SynthLowResSizes(subjects=8, distractors=10, resolutions=(8, 16),
+                                                        impostors_per_genuine=3))
+    monkeypatch.setattr(synth_degraded, "SYNTH_QUALITY",
+                        synth_degraded.SynthQualitySizes(subjects=12, images_per_subject=3, impostor_pairs=200,
+                                                         ui_images=6))
 
 
 @pytest.fixture

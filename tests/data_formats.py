@@ -192,3 +192,82 @@ def ref_json_list(path: Path, paths: list[str], ids: list[str] | None = None) ->
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"path": paths, **({"id": ids} if ids is not None else {})}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TinyFace and QMUL-SurvFace test folders, coded apart from bench.eval.formats.tinyface / .survface from the
+# published layouts (TinyFace readme.txt; QMUL-SurvFace readme.txt): folders and file names typed out here,
+# cells built as nested lists, images saved by PIL (format from the suffix), ids as uint16 (TinyFace) or
+# double (SurvFace) columns.
+
+
+def ref_image_file(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def _ref_savemat(path: Path, variables: dict) -> None:
+    from scipy.io import savemat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), variables)
+
+
+def ref_tinyface(root: Path, probes: list, gallery: list, distractors: list, mat_folder: str = "Testing_Set") -> Path:
+    """``root/Testing_Set/{Probe,Gallery_Match,Gallery_Distractor}/`` and the two id lists in ``root/<mat_folder>``.
+
+    ``probes`` and ``gallery``: ``(file name, id, HWC array)``; ``distractors``: ``(relative name, HWC array)``."""
+    testing = root / "Testing_Set"
+    for folder, entries in (("Probe", probes), ("Gallery_Match", gallery)):
+        for name, _, array in entries:
+            ref_image_file(testing / folder / name, array)
+    for name, array in distractors:
+        ref_image_file(testing / "Gallery_Distractor" / name, array)
+    (testing / "Gallery_Distractor").mkdir(parents=True, exist_ok=True)
+    _ref_savemat(root / mat_folder / "gallery_match_img_ID_pairs.mat", {
+        "gallery_set": np.array([[name] for name, _, _ in gallery], dtype=object),
+        "gallery_ids": np.array([[identity] for _, identity, _ in gallery], dtype=np.uint16)})
+    _ref_savemat(root / mat_folder / "probe_img_ID_pairs.mat", {
+        "probe_set": np.array([[name] for name, _, _ in probes], dtype=object),
+        "probe_ids": np.array([[identity] for _, identity, _ in probes], dtype=np.uint16)})
+    return root
+
+
+def ref_survface_verification(root: Path, images: dict, positives: list, negatives: list) -> Path:
+    """``root/Face_Verification_Test_Set/``: ``verification_images/<name>`` for each of ``images`` (name -> HWC
+    array) and the two ``P x 2`` name cells ``positive_pairs_names`` / ``negative_pairs_names``."""
+    folder = root / "Face_Verification_Test_Set"
+    for name, array in images.items():
+        ref_image_file(folder / "verification_images" / name, array)
+    for variable, pairs in (("positive_pairs_names", positives), ("negative_pairs_names", negatives)):
+        _ref_savemat(folder / f"{variable}.mat", {variable: np.array([[a, b] for a, b in pairs], dtype=object)})
+    return folder
+
+
+def ref_survface_identification(root: Path, gallery: list, mated: list, unmated: list,
+                                mat_folder: str = "Face_Identification_Test_Set") -> Path:
+    """``root/Face_Identification_Test_Set/{gallery,mated_probe,unmated_probe}/`` and the gallery and mated-probe
+    id lists in ``root/<mat_folder>``. ``gallery``, ``mated``: ``(name, id, HWC array)``; ``unmated``: ``(name,
+    HWC array)``."""
+    folder = root / "Face_Identification_Test_Set"
+    for sub, entries in (("gallery", gallery), ("mated_probe", mated)):
+        for name, _, array in entries:
+            ref_image_file(folder / sub / name, array)
+    for name, array in unmated:
+        ref_image_file(folder / "unmated_probe" / name, array)
+    (folder / "unmated_probe").mkdir(parents=True, exist_ok=True)
+    for mat, prefix, entries in (("gallery_img_ID_pairs.mat", "gallery", gallery),
+                                 ("mated_probe_img_ID_pairs.mat", "mated_probe", mated)):
+        _ref_savemat(root / mat_folder / mat, {
+            f"{prefix}_set": np.array([[name] for name, _, _ in entries], dtype=object),
+            f"{prefix}_ids": np.array([[float(identity)] for _, identity, _ in entries])})
+    return folder
+
+
+def ref_read_cell(path: Path, variable: str) -> list[list[str]]:
+    """A MATLAB cell of names as rows of strings (``scipy.io.loadmat``'s nesting: each cell a 1-element array)."""
+    from scipy.io import loadmat
+
+    return [[str(cell[0]) for cell in row] for row in loadmat(str(path))[variable]]

@@ -218,3 +218,44 @@ def test_bench_report_judges_the_claims_runs_it_finds(tmp_path: Path) -> None:
     assert "no paired seeds; missing: A seed 0, A seed 1, A seed 2" in masst
     assert "no runs" in next(line for line in text.splitlines() if line.startswith("| pfc-noise"))
     assert "\\toprule" in (tmp_path / "reports" / "claims.tex").read_text()
+
+
+ONE_RUN_TWO_SCORES = """
+paper: {key: test, citation: "A. Author, A test paper, 2026"}
+claims:
+  - id: own-score-beats-ers
+    claim: "The method's own quality score has a lower pAUC than ERS."
+    where: "Sec. 4"
+    metric: synth-quality pAUC ri
+    relation: better
+    lower_is_better: true
+    set: {data.split.name: full}
+    a: {method: arcface, metric: synth-quality pAUC ri}
+    b: {method: arcface, metric: synth-quality pAUC ers}
+"""
+
+
+def test_arms_may_read_two_columns_of_one_run_and_lower_can_be_better(tmp_path: Path) -> None:
+    """Catches: a judge that ignores an arm's own metric (it would compare a column with itself: all 0),
+    or that keeps A - B for a lower-is-better metric (the verdict would flip)."""
+    directory = tmp_path / "claims"
+    directory.mkdir()
+    (directory / "test.yaml").write_text(ONE_RUN_TWO_SCORES)
+    (claim,) = load_claims(directory)
+    comparison = claim.comparisons[0]
+    assert comparison.a.label() == "arcface on 'synth-quality pAUC ri'"
+    results = tmp_path / "results"
+    own, ers = [0.010, 0.012, 0.011], [0.020, 0.025, 0.021]
+    for seed, (a, b) in enumerate(zip(own, ers)):
+        run = _write_run(results, comparison, comparison.a, seed, 0.9, f"2026-run-{seed}")
+        (run / "metrics.json").write_text(json.dumps(
+            {"synth-quality": {"summary": {"pAUC ri": a, "pAUC ers": b}}}))
+    (row,) = judge([claim], 3, results)
+    mean, low, high = _hand_interval([b - a for a, b in zip(own, ers)])
+    assert row.verdict == "reproduced" and row.n == 3
+    assert row.mean_difference == pytest.approx(mean, abs=1e-12) and row.ci_low == pytest.approx(low, abs=1e-12)
+    assert "lower is better" in row.metric
+    with pytest.raises(ConfigError, match="lower_is_better must be true or false"):
+        (directory / "test.yaml").write_text(ONE_RUN_TWO_SCORES.replace("lower_is_better: true",
+                                                                        "lower_is_better: maybe"))
+        load_claims(directory)

@@ -52,6 +52,8 @@ def test_bad_preset_gives_one_line_naming_file_and_key(tmp_path, yaml_text, mess
     ({"train.device": "cuda:"}, r"got 'cuda:'"),
     ({"train.device": "cuda:0:1"}, r"got 'cuda:0:1'"),
     ({"data.synthface.label_noise": "1.5"}, r"label_noise must be in \[0, 1\)"),
+    ({"data.synthface.lowres_fraction": "1.5"}, r"lowres_fraction must be in \[0, 1\]"),
+    ({"data.synthface.lowres_min_px": "32"}, r"lowres_min_px must be in \[1, image_size = 32\)"),
     ({"train.amp": "maybe"}, r"'train\.amp' must be bool"),
     ({"trian.lr": "1"}, r"command line: unknown key 'trian'"),
     ({"methods": "arcface,arcface"}, r"duplicate names"),

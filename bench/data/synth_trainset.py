@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bench.config import DataSettings, SynthFaceSettings
 from bench.data.datasets import DATASETS, TrainSet
@@ -70,6 +71,26 @@ def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return noisy, flipped
 
 
+def lower_resolution(images: torch.Tensor, fraction: float, min_px: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A copy of uint8 ``images`` ``[N, 3, S, S]`` in which ``round(fraction * N)`` random images are brought
+    down to a random side in ``[min_px, S)`` (antialiased bilinear) and back to ``S`` (bilinear): faces of
+    very low resolution at the model's input size. Returns the images and each image's side (``S`` when
+    untouched)."""
+    count, size = images.shape[0], images.shape[-1]
+    rng = np.random.default_rng([seed, 5])
+    sides = np.full(count, size, dtype=np.int64)
+    chosen = rng.choice(count, size=int(round(fraction * count)), replace=False)
+    sides[chosen] = rng.integers(min_px, size, size=chosen.shape[0])
+    out = images.clone()
+    for side in np.unique(sides[chosen]):
+        rows = torch.from_numpy(np.flatnonzero(sides == side))
+        small = F.interpolate(out[rows].float(), size=(int(side), int(side)), mode="bilinear", align_corners=False,
+                              antialias=True).round_().clamp_(0, 255)
+        back = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False)
+        out[rows] = back.round_().clamp_(0, 255).to(torch.uint8)
+    return out, sides
+
+
 @DATASETS.register("synthface")
 def synthface_trainset(settings: DataSettings, progress: bool = True) -> TrainSet:
     """The chosen split of the SynthFace pool (``num_identities`` x ``images_per_identity``)."""
@@ -87,11 +108,18 @@ def synthface_trainset(settings: DataSettings, progress: bool = True) -> TrainSe
     _, clean_labels = np.unique(identities, return_inverse=True)
     labels, flipped = (flip_labels(clean_labels, synth_settings.label_noise, settings.split.seed)
                        if synth_settings.label_noise > 0 else (clean_labels, np.zeros(len(clean_labels), bool)))
+    images = rendered.images
+    if synth_settings.lowres_fraction > 0:
+        images, sides = lower_resolution(images, synth_settings.lowres_fraction, synth_settings.lowres_min_px,
+                                         settings.split.seed)
     info = {"dataset": "synthface", "world": {**synthface_config(synth_settings).__dict__, "key": world_key,
                                               "pool_identities": synth_settings.num_identities,
                                               "pool_images_per_identity": synth_settings.images_per_identity},
             "split": {"recipe": split.recipe, **split.stats},
             "label_noise": {"fraction": synth_settings.label_noise, "flipped_images": int(flipped.sum())}}
-    return TrainSet(images=rendered.images, labels=torch.from_numpy(labels.astype(np.int64)),
+    if synth_settings.lowres_fraction > 0:
+        info["low_resolution"] = {"fraction": synth_settings.lowres_fraction, "min_px": synth_settings.lowres_min_px,
+                                  "images": int((sides < images.shape[-1]).sum())}
+    return TrainSet(images=images, labels=torch.from_numpy(labels.astype(np.int64)),
                     identities=identities, num_classes=int(clean_labels.max()) + 1, info=info,
                     label_flipped=flipped)

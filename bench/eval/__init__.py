@@ -125,6 +125,7 @@ def model_input_size(backbone: str, embedding_size: int, trainset: TrainData, da
 BENCHMARK_DEFAULTS = {
     **{name: f"{name}.bin" for name in ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")},
     "ijbb": "IJBB", "ijbc": "IJBC", "megaface": "megaface",
+    "tinyface": "tinyface", "survface": "QMUL-SurvFace",
 }
 OBTAIN = {
     "bin": "the .bin packs ship inside insightface's training-set zips (e.g. faces_emore/lfw.bin)",
@@ -132,6 +133,10 @@ OBTAIN = {
            "updated meta with the 1:N CSVs), linked from insightface recognition/_evaluation_/ijb/README.md",
     "megaface": "the MegaFace devkit (templatelists/) and testpack (facescrub_images/, megaface_images/) "
                 "plus insightface's noise lists, see insightface recognition/_evaluation_/megaface",
+    "tinyface": "the TinyFace archive from qmul-tinyface.github.io (its tinyface/ folder, holding Testing_Set/ "
+                "with Probe/, Gallery_Match/, Gallery_Distractor/ and the two *_img_ID_pairs.mat lists)",
+    "survface": "the QMUL-SurvFace archive from qmul-survface.github.io (its QMUL-SurvFace/ folder, holding "
+                "Face_Verification_Test_Set/ and Face_Identification_Test_Set/)",
 }
 
 
@@ -168,7 +173,7 @@ def locate_benchmark(name: str, data: DataSettings, default: str, kind: str = "f
         origin = f"card {card[0]}" if card is not None else origin
     if exists(location):
         return location
-    kind_key = "ijb" if name.startswith("ijb") else "megaface" if name == "megaface" else "bin"
+    kind_key = "ijb" if name.startswith("ijb") else name if name in OBTAIN else "bin"
     raise DataError(f"{name}: {location} (from {origin}) is not a {'file' if kind == 'file' else 'folder'}; "
                     f"set {env}={'FILE' if kind == 'file' else 'DIR'} or put {default} under <data root>/eval/; "
                     f"obtain it yourself: {OBTAIN[kind_key]}")
@@ -208,3 +213,6 @@ from bench.eval import verification  # noqa: E402,F401  (registers synth-lfw and
 from bench.eval import ijb  # noqa: E402,F401  (registers synth-ijbc, ijbb, ijbc)
 from bench.eval import megaface  # noqa: E402,F401  (registers synth-megaface, megaface)
 from bench.eval import synth_tail  # noqa: E402,F401  (registers synth-tail)
+from bench.eval import lowres_real  # noqa: E402,F401  (registers tinyface, survface)
+from bench.eval import synth_lowres  # noqa: E402,F401  (registers synth-lowres)
+from bench.eval import synth_quality  # noqa: E402,F401  (registers synth-quality)

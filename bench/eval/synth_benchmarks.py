@@ -47,6 +47,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -110,8 +111,9 @@ SYNTH_IJBC = SynthIJBCSizes()
 SYNTH_MEGAFACE = SynthMegaFaceSizes()
 
 
-def _source_hash() -> str:
-    return hashlib.sha256(inspect.getsource(inspect.getmodule(_source_hash)).encode()).hexdigest()[:12]
+def source_hash(module_name: str = __name__) -> str:
+    """A hash of a generator module's source: a generated folder's key, so a changed generator writes anew."""
+    return hashlib.sha256(inspect.getsource(sys.modules[module_name]).encode()).hexdigest()[:12]
 
 
 def generation_info(folder: Path) -> dict | None:
@@ -120,8 +122,9 @@ def generation_info(folder: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _folder(data: DataSettings, kind: str, sizes: object) -> Path:
-    key = hashlib.sha256(json.dumps([kind, sizes, _source_hash()], sort_keys=True, default=str).encode())
+def benchmark_folder(data: DataSettings, kind: str, sizes: object, module_name: str = __name__) -> Path:
+    """Where the generated benchmark ``kind`` of these ``sizes`` is cached, keyed by the generating module."""
+    key = hashlib.sha256(json.dumps([kind, sizes, source_hash(module_name)], sort_keys=True, default=str).encode())
     return data.resolved_root() / "synthface" / synthface_world_key(data.synthface) / f"{kind}-{key.hexdigest()[:12]}"
 
 
@@ -191,7 +194,7 @@ def ensure_synth_lfw(data: DataSettings, num_identities: int = 2000, pairs_per_k
                      progress: bool = True) -> Path:
     """The synth-lfw ``.bin`` (generated on first use): 10 folds of ``pairs_per_kind`` genuine + impostor pairs."""
     sizes = {"num_identities": num_identities, "pairs_per_kind": pairs_per_kind}
-    folder = _folder(data, "synth-lfw", sizes)
+    folder = benchmark_folder(data, "synth-lfw", sizes)
 
     def build(tmp: Path) -> dict:
         identities, samples, issame = lfw_style_pairs(num_identities, seed=data.synthface.seed,
@@ -295,7 +298,7 @@ def _loose_similarities(count: int, rng: np.random.Generator) -> np.ndarray:
 
 def ensure_synth_ijbc(data: DataSettings, sizes: SynthIJBCSizes = SYNTH_IJBC, progress: bool = True) -> Path:
     """The synth-ijbc folder (generated on first use); returns the folder holding ``meta/`` and ``loose_crop/``."""
-    folder = _folder(data, "synth-ijbc", asdict(sizes))
+    folder = benchmark_folder(data, "synth-ijbc", asdict(sizes))
 
     def build(tmp: Path) -> dict:
         layout = _ijbc_layout(sizes)
@@ -368,7 +371,7 @@ def _distractor_path(n: int) -> str:
 def ensure_synth_megaface(data: DataSettings, sizes: SynthMegaFaceSizes = SYNTH_MEGAFACE,
                           progress: bool = True) -> Path:
     """The synth-megaface devkit-style folder (generated on first use)."""
-    folder = _folder(data, "synth-megaface", asdict(sizes))
+    folder = benchmark_folder(data, "synth-megaface", asdict(sizes))
 
     def build(tmp: Path) -> dict:
         rng = np.random.default_rng([sizes.seed, 63])

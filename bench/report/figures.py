@@ -13,6 +13,8 @@ Per group of comparable runs (dataset, split, backbone, budget), ``<slug>`` = ``
 - ``training-<slug>``: loss and learning rate against samples seen (``train.jsonl``);
 - ``cost-<slug>``: throughput against peak memory, and the headline accuracy against throughput;
 - ``long-tail-<slug>``: ``synth-tail`` rank-1 per bucket of training images per identity;
+- ``edc-<slug>``: ``synth-quality``'s error-versus-discard curves (FNMR against the fraction of genuine
+  comparisons discarded by quality), one panel per method, one line per quality score, the pAUC range shaded;
 
 and ``profile-<device>``: images/s and peak memory against the number of classes (``bench profile``).
 
@@ -38,6 +40,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from bench.report.quality_report import SCORE_ORDER, edc_runs, pauc_limit  # noqa: E402
 from bench.report.staging import StagedFiles  # noqa: E402
 from bench.report.runs import (  # noqa: E402
     GROUP_COLUMNS,
@@ -366,6 +369,59 @@ def long_tail_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, 
                     f"per bucket of training images per identity (error bars: ± 1 std over seeds).")]
 
 
+def edc_figure(runs: dict[str, list[dict]], group: tuple, styles: Styles, footer: str) -> list[Drawing]:
+    """``synth-quality``'s EDCs: one panel per method, one line per quality score (mean over seeds, band
+    ± one std when the seeds share a discard grid), the pAUC discard range shaded."""
+    per_method = {method: edc_runs(records) for method, records in sorted(runs.items())}
+    per_method = {method: curves for method, curves in per_method.items() if curves}
+    if not per_method:
+        return []
+    everywhere = list(dict.fromkeys(score for curves in per_method.values() for score in curves))
+    everywhere = [s for s in SCORE_ORDER if s in everywhere] + [s for s in everywhere if s not in SCORE_ORDER]
+    scores = [s for s in everywhere if s != "random"]
+    palette = dict(zip(scores, sns.color_palette("colorblind", max(len(scores), 1))))
+    limit = pauc_limit([r for records in runs.values() for r in records])
+    columns = min(len(per_method), 3)
+    rows = -(-len(per_method) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(min(FIGURE_WIDTH, 2.6 * columns + 1.2), 2.6 * rows + 0.4),
+                             layout="constrained", squeeze=False, sharey=True)
+    for ax, (method, curves) in zip(axes.flat, per_method.items()):
+        if limit:
+            ax.axvspan(0, 100 * limit, color="0.85", alpha=0.6, lw=0, label=f"pAUC range (0-{100 * limit:g} %)")
+        for score, series in curves.items():
+            style = {"color": "0.45", "ls": "--"} if score == "random" else {"color": palette[score], "ls": "-"}
+            if len({tuple(d) for d, _ in series}) == 1:
+                mean, band = _mean_band([100 * np.asarray(f) for _, f in series])
+                x = 100 * np.asarray(series[0][0])
+                ax.plot(x, mean, lw=1.4, label=score, **style)
+                if band is not None:
+                    ax.fill_between(x, mean - band, mean + band, color=style["color"], alpha=0.18, lw=0)
+            else:  # different discard grids per seed: draw each
+                for i, (discard, fnmr) in enumerate(series):
+                    ax.plot(100 * np.asarray(discard), 100 * np.asarray(fnmr), lw=1.0, alpha=0.8,
+                            label=score if i == 0 else None, **style)
+        ax.set_title(_legend_label(method, len(runs[method])))
+        ax.set_ylim(bottom=0)
+    for ax in axes.flat[len(per_method):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("FNMR (%)")
+    fig.supxlabel("Genuine comparisons discarded by quality (%)")
+    legend: dict[str, Any] = {}  # every panel's scores (a method without quality estimation has no "ri")
+    for ax in axes.flat[:len(per_method)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    labels = [label for label in legend if label not in everywhere] + [s for s in everywhere if s in legend]
+    fig.legend([legend[label] for label in labels], labels, loc="outside right upper", frameon=False)
+    _footer(fig, f"{_group_title(group)}. Error-versus-discard characteristic of each quality score: FNMR of the "
+                 f"genuine comparisons kept after discarding the lowest pairwise quality (the lower of the two "
+                 f"images'), at the threshold fixed on all impostor comparisons. {footer}")
+    return [Drawing(fig, f"edc-{_slug(group)}",
+                    f"Face quality (synth-quality), {_group_title(group)}: FNMR against the fraction of genuine "
+                    f"comparisons discarded by each quality score, per method (band: ± 1 std over seeds; shaded: "
+                    f"the pAUC range).")]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Profile
 # ----------------------------------------------------------------------------------------------------
@@ -444,6 +500,7 @@ def draw_figures(records: list[dict[str, Any]]) -> Iterator[Drawing]:
             yield from training_figure(runs, group, styles, footer)
             yield from cost_figure(group_rows, group, styles, footer)
             yield from long_tail_figure(runs, group, styles, footer)
+            yield from edc_figure(runs, group, styles, footer)
     for record in profiles:
         yield profile_figure(record, styles)
 

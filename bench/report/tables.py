@@ -17,7 +17,8 @@ metric without folds (TAR@FAR, the ``summary`` metrics) has none. The intervals 
 Columns: each protocol's headline metrics (synth-lfw / LFW-family accuracy and TAR@FAR; IJB, MegaFace
 and synth-tail give theirs in ``summary``: TAR@FAR 1e-4 and 1e-5, 1:N rank-1, MegaFace rank-1, long-tail
 rank-1 per bucket), throughput, peak memory and training time. Within each group of rows that differ only
-in the method, the best value of every column is bold (higher is better, except memory and time): the mean
+in the method, the best value of every column is bold (higher is better, except memory, time and pAUC: see
+:func:`lower_is_better`): the mean
 decides, and only ``mean ± std`` is bold, not the interval after it.
 Every table carries a provenance line: git commit, configuration hash, device and date of its runs.
 The rows come from :mod:`bench.report.runs`; :mod:`bench.report.writer` writes the report.
@@ -35,6 +36,14 @@ from bench.report.runs import COST_COLUMNS, GROUP_COLUMNS, KEY_COLUMNS, metric_c
 
 #: Columns where smaller is better.
 LOWER_IS_BETTER = {"peak MiB", "train s"}
+#: Words that make a column smaller-is-better wherever they stand in its name: the partial area under a
+#: quality score's error-versus-discard curve (``synth-quality pAUC <score>``).
+LOWER_IS_BETTER_WORDS = {"pAUC"}
+
+
+def lower_is_better(column: str) -> bool:
+    """Whether a smaller value of ``column`` is better (:data:`LOWER_IS_BETTER`, :data:`LOWER_IS_BETTER_WORDS`)."""
+    return column in LOWER_IS_BETTER or not LOWER_IS_BETTER_WORDS.isdisjoint(column.split())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,7 +67,7 @@ def _interval_text(row: pd.Series, column: str) -> str:
     return f"[{100 * float(low):.2f}, {100 * float(high):.2f}]"
 
 
-def _cell(row: pd.Series, column: str) -> tuple[str, str, float | None]:
+def metric_cell(row: pd.Series, column: str) -> tuple[str, str, float | None]:
     """The displayed text of one metric or cost cell (``mean ± std``), its interval text (``[low, high]``,
     or ``""``), and the rounded value used to find the best."""
     value = row.get(column)
@@ -82,7 +91,7 @@ def _with_interval(text: str, interval: str) -> str:
     return f"{text} {interval}" if interval else text
 
 
-def _best_mask(frame: pd.DataFrame, column: str, values: list[float | None]) -> list[bool]:
+def best_mask(frame: pd.DataFrame, column: str, values: list[float | None]) -> list[bool]:
     """Which rows hold the best value of ``column`` within their group (only groups of 2 rows or more)."""
     best = [False] * len(values)
     positions = {index: i for i, index in enumerate(frame.index)}
@@ -90,7 +99,7 @@ def _best_mask(frame: pd.DataFrame, column: str, values: list[float | None]) -> 
         members = [positions[i] for i in group.index if values[positions[i]] is not None]
         if len(group) < 2 or not members:
             continue
-        pick = min if column in LOWER_IS_BETTER else max
+        pick = min if lower_is_better(column) else max
         target = pick(values[i] for i in members)
         if all(values[i] == target for i in members):
             continue  # a tie of every row marks nothing
@@ -109,8 +118,8 @@ def display_table(frame: pd.DataFrame) -> tuple[list[str], list[list[tuple[str, 
         [(str(row[c]), "", False) for c in KEY_COLUMNS] + [(str(row["seeds"]), "", False)]
         for _, row in frame.iterrows()]
     for column in metrics + COST_COLUMNS:
-        shown = [_cell(row, column) for _, row in frame.iterrows()]
-        best = _best_mask(frame, column, [value for _, _, value in shown])
+        shown = [metric_cell(row, column) for _, row in frame.iterrows()]
+        best = best_mask(frame, column, [value for _, _, value in shown])
         for line, (text, interval, _), is_best in zip(cells, shown, best):
             line.append((text, interval, is_best))
     return headers, cells, columns

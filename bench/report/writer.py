@@ -1,8 +1,9 @@
 """``write_report``: the report's one entry point (tables, profile section and figures, written all or none).
 
 Reads the records once (:func:`bench.report.runs.load_records`), renders :mod:`bench.report.tables`,
-:mod:`bench.report.profile_table` and :mod:`bench.report.figures` (matplotlib, imported only when figures are
-drawn) and stages every file in :class:`bench.report.staging.StagedFiles`, so all or none replace the
+:mod:`bench.report.quality_report` (the low-resolution and face-quality sections),
+:mod:`bench.report.profile_table` and :mod:`bench.report.figures` (matplotlib, imported only when figures
+are drawn) and stages every file in :class:`bench.report.staging.StagedFiles`, so all or none replace the
 previous report.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 from bench.report.claims import ClaimRow, write_claims_files
 from bench.report.curation_table import curation_section
 from bench.report.profile_table import profile_section
+from bench.report.quality_report import lowres_section, quality_section
 from bench.report.runs import load_records, provenance, runs_frame, summary_frame
 from bench.report.staging import StagedFiles
 from bench.report.tables import TABLE_NOTE, to_latex, to_markdown
@@ -55,10 +57,10 @@ def _write_report_files(records: list[dict[str, Any]], results_dir: Path, out_di
     if not summary.empty:
         parts += ["## Results\n", TABLE_NOTE + "\n", provenance(summary) + "\n", to_markdown(summary) + "\n"]
         tex_parts.append(to_latex(summary, provenance(summary)))
-    curation_md, curation_tex = curation_section(records)
-    if curation_md:
-        parts.append(curation_md)
-        tex_parts.append("\n" + curation_tex)
+    for section_md, section_tex in (lowres_section(records), quality_section(records), curation_section(records)):
+        if section_md:
+            parts.append(section_md)
+            tex_parts.append("\n" + section_tex)
     if profile_md:
         parts.append(profile_md)
         tex_parts.append("\n" + profile_tex)

@@ -21,6 +21,11 @@ One YAML file per paper in ``bench/repro/claims/`` (documented in README, "Repro
           - {name: longtail, set: {data.split.name: longtail}, b: {method: sst}}
         requires: [prototype_memory.mining]   # optional: parameters that must exist to run it
 
+An arm may name its own ``metric`` (a results column of the same run), to compare two scores of one
+model (``ri``'s own quality estimate against ERS, both from one run per seed); ``lower_is_better: true``
+judges a metric where lower wins (an error, a pAUC of the error-versus-discard curve): the difference
+judged is then ``B - A``, so that "A better than B" is still a positive difference.
+
 Each comparison (or the claim itself when it lists none) is judged on its own: arm A and arm B, each a
 method, its parameters and optional overrides of its own (``set``), over the claim's setting. Seed ``k``
 of every arm trains with ``train.seed = k`` and ``data.split.seed = k``: the arms of one seed share the
@@ -62,11 +67,14 @@ class Arm:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     set: dict[str, Any] = field(default_factory=dict)
+    #: The results column judged for this arm ("" = the claim's metric).
+    metric: str = ""
 
     def label(self) -> str:
-        """``pfc(sample_rate=0.1)``, plus its own overrides (``arcface [data.split.name=full]``)."""
+        """``pfc(sample_rate=0.1)``, plus its own overrides (``arcface [data.split.name=full]``) and metric."""
         text = self.method + (f"({', '.join(f'{k}={v}' for k, v in self.params.items())})" if self.params else "")
-        return text + (f" [{', '.join(f'{k}={v}' for k, v in self.set.items())}]" if self.set else "")
+        text += f" [{', '.join(f'{k}={v}' for k, v in self.set.items())}]" if self.set else ""
+        return text + (f" on '{self.metric}'" if self.metric else "")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,8 @@ class Claim:
     requires: tuple[str, ...]
     source: Path
     comparisons: tuple[Comparison, ...] = ()
+    #: The metric is an error or a cost: the judged difference is B - A.
+    lower_is_better: bool = False
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -113,16 +123,19 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 def _arm(raw: Any, where: str) -> Arm:
     raw = _mapping(raw, where)
-    unknown = set(raw) - {"method", "params", "set"}
+    unknown = set(raw) - {"method", "params", "set", "metric"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: method, params, set")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: method, params, set, metric")
     if not isinstance(raw.get("method"), str):
         raise ConfigError(f"{where}: an arm needs 'method' (a method name)")
-    return Arm(raw["method"], _mapping(raw.get("params"), f"{where}.params"), _mapping(raw.get("set"), f"{where}.set"))
+    if not isinstance(raw.get("metric", ""), str):
+        raise ConfigError(f"{where}: an arm's metric must be a results column name")
+    return Arm(raw["method"], _mapping(raw.get("params"), f"{where}.params"), _mapping(raw.get("set"), f"{where}.set"),
+               raw.get("metric", ""))
 
 
 _CLAIM_KEYS = {"id", "claim", "where", "metric", "relation", "eps", "eps_reason", "set", "a", "b", "comparisons",
-               "requires"}
+               "requires", "lower_is_better"}
 
 
 def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
@@ -150,7 +163,7 @@ def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
     claim = Claim(id=raw["id"], paper_key=paper["key"], citation=paper["citation"], claim=raw["claim"].strip(),
                   where=raw["where"], metric=raw["metric"], relation=raw["relation"],
                   eps=float(eps) if eps is not None else None, eps_reason=str(raw.get("eps_reason", "")).strip(),
-                  requires=tuple(requires), source=source)
+                  requires=tuple(requires), source=source, lower_is_better=_flag(raw, "lower_is_better", where))
     base_set = _mapping(raw.get("set"), f"{where}.set")
     entries = raw.get("comparisons") or [{"name": ""}]
     if not isinstance(entries, list):
@@ -169,6 +182,13 @@ def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
                                       _arm(a_raw, f"{where}.a"), _arm(b_raw, f"{where}.b")))
     object.__setattr__(claim, "comparisons", tuple(comparisons))
     return claim
+
+
+def _flag(raw: dict[str, Any], key: str, where: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def load_claims(directory: Path = CLAIMS_DIR) -> list[Claim]:

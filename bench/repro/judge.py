@@ -80,20 +80,21 @@ def _judge_comparison(comparison: Comparison, seeds: int | Sequence[int], existi
         found, absent = {}, []
         for side, arm in (("a", comparison.a), ("b", comparison.b)):
             fingerprint, directory = _lookup(comparison, arm, seed, existing, out, budget, overrides)
-            value, origin = _metric(directory, claim.metric) if directory is not None else (None, {})
+            metric = arm.metric or claim.metric
+            value, origin = _metric(directory, metric) if directory is not None else (None, {})
             for key, item in origin.items():
                 if item:
                     origins.setdefault(key, set()).add(str(item))
             if value is None:
                 absent.append(f"{side.upper()} seed {seed}" + ("" if directory is None else
-                                                                f" ({directory.name} has no '{claim.metric}')"))
+                                                                f" ({directory.name} has no '{metric}')"))
             else:
                 found[side] = value
                 runs.append(f"{side.upper()}{seed}: {directory.name} ({fingerprint})")
         if found or isinstance(seeds, int):
             missing += absent
         if len(found) == 2:
-            differences.append(found["a"] - found["b"])
+            differences.append(found["b"] - found["a"] if claim.lower_is_better else found["a"] - found["b"])
             values["a"].append(found["a"])
             values["b"].append(found["b"])
     interval = t_interval(differences)
@@ -116,7 +117,8 @@ def _row(comparison: Comparison, status: str, interval=None, missing=(), runs=()
     return ClaimRow(
         id=comparison.row_id, paper=claim.citation, paper_key=claim.paper_key, claim=claim.claim, where=claim.where,
         setting=comparison.setting_text(), arm_a=comparison.a.label(), arm_b=comparison.b.label(),
-        metric=claim.metric, relation=claim.relation, eps=claim.eps, eps_reason=claim.eps_reason,
+        metric=claim.metric + (" (lower is better: the difference is B - A)" if claim.lower_is_better else ""),
+        relation=claim.relation, eps=claim.eps, eps_reason=claim.eps_reason,
         n=interval.n if interval is not None else 0,
         mean_difference=interval.mean if interval is not None else math.nan,
         sd=interval.sd if interval is not None else math.nan,

@@ -448,3 +448,156 @@ def test_faults_megaface_distractor_list_shorter_than_its_name(workspace, monkey
     ref_json_list(listed, ["0/0@N00/0_0.jpg"])
     eval_fault(workspace, "megaface", workspace.inputs / "no-features",
                f"error: {listed}: the name says 10 distractors, the list holds 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# TinyFace and QMUL-SurvFace folders (bench eval): a missing folder or list, a list without its variable, a
+# corrupt .mat, names and ids of different lengths, a listed image that is not there, a truncated image.
+# Each used to be a KeyError, a scipy traceback or a silently shorter list; now one line naming the file.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _tinyface_folder(space: Workspace, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from tests.data_formats import ref_tinyface
+
+    root = ref_tinyface(space.inputs / "tinyface", [("1_1.png", 1, image_array(1)), ("2_1.png", 2, image_array(2))],
+                        [("1_2.png", 1, image_array(3)), ("2_2.png", 2, image_array(4))],
+                        [("0001.png", image_array(5)), ("0002.png", image_array(6))])
+    monkeypatch.setenv("FACEBENCH_TINYFACE", str(root))
+    return root
+
+
+def _survface_folder(space: Workspace, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from tests.data_formats import ref_survface_identification, ref_survface_verification
+
+    root = space.inputs / "QMUL-SurvFace"
+    ref_survface_verification(root, {f"{k}_cam1_1.png": image_array(k) for k in range(1, 5)},
+                              [("1_cam1_1.png", "2_cam1_1.png")], [("3_cam1_1.png", "4_cam1_1.png")])
+    ref_survface_identification(root, [("1_cam1_2.png", 1, image_array(7)), ("2_cam1_2.png", 2, image_array(8))],
+                                [("1_cam2_2.png", 1, image_array(9))], [("distractors_1.png", image_array(10))])
+    monkeypatch.setenv("FACEBENCH_SURVFACE", str(root))
+    return root
+
+
+def _savemat(path: Path, variables: dict) -> None:
+    from scipy.io import savemat
+
+    savemat(str(path), variables)
+
+
+def _tf_missing_testing_set(root: Path) -> tuple[str, ...]:
+    import shutil
+
+    shutil.rmtree(root / "Testing_Set")
+    return (f"{root / 'Testing_Set'}: TinyFace test folder not found (also looked for "
+            f"{root / 'tinyface' / 'Testing_Set'})",)
+
+
+def _tf_missing_mat(root: Path) -> tuple[str, ...]:
+    (root / "Testing_Set" / "probe_img_ID_pairs.mat").unlink()
+    return (f"{root / 'Testing_Set' / 'probe_img_ID_pairs.mat'}: TinyFace id list not found (also looked for "
+            f"{root / 'Face_Identification_Evaluation' / 'probe_img_ID_pairs.mat'})",)
+
+
+def _tf_mat_missing_variable(root: Path) -> tuple[str, ...]:
+    mat = root / "Testing_Set" / "probe_img_ID_pairs.mat"
+    _savemat(mat, {"probe_set": np.array([["1_1.png"], ["2_1.png"]], dtype=object)})
+    return f"{mat}: no variable 'probe_ids' (variables found: probe_set)",
+
+
+def _tf_corrupt_mat(root: Path) -> tuple[str, ...]:
+    mat = root / "Testing_Set" / "gallery_match_img_ID_pairs.mat"
+    mat.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
+    return f"{mat}: not a readable MATLAB .mat file (",
+
+
+def _tf_lengths_differ(root: Path) -> tuple[str, ...]:
+    mat = root / "Testing_Set" / "gallery_match_img_ID_pairs.mat"
+    _savemat(mat, {"gallery_set": np.array([["1_2.png"], ["2_2.png"]], dtype=object),
+                   "gallery_ids": np.array([[1.0]])})
+    return f"{mat}: 2 names in 'gallery_set' but 1 ids in 'gallery_ids'",
+
+
+def _tf_listed_image_missing(root: Path) -> tuple[str, ...]:
+    (root / "Testing_Set" / "Probe" / "2_1.png").unlink()
+    return (f"{root / 'Testing_Set' / 'Probe' / '2_1.png'}: listed in "
+            f"{root / 'Testing_Set' / 'probe_img_ID_pairs.mat'} but the image file does not exist",)
+
+
+def _tf_truncated_image(root: Path) -> tuple[str, ...]:
+    image = root / "Testing_Set" / "Gallery_Distractor" / "0002.png"
+    image.write_bytes(image.read_bytes()[:40])
+    return f"{image}: ",
+
+
+def _sf_missing_verification_folder(root: Path) -> tuple[str, ...]:
+    import shutil
+
+    shutil.rmtree(root / "Face_Verification_Test_Set")
+    return f"{root / 'Face_Verification_Test_Set'}: QMUL-SurvFace test folder not found",
+
+
+def _sf_missing_pair_mat(root: Path) -> tuple[str, ...]:
+    (root / "Face_Verification_Test_Set" / "negative_pairs_names.mat").unlink()
+    return (f"{root / 'Face_Verification_Test_Set' / 'negative_pairs_names.mat'}: SurvFace verification pair list "
+            f"not found (also looked for {root / 'Face_Verification_Evaluation' / 'negative_pairs_names.mat'})",)
+
+
+def _sf_pair_mat_missing_variable(root: Path) -> tuple[str, ...]:
+    mat = root / "Face_Verification_Test_Set" / "positive_pairs_names.mat"
+    _savemat(mat, {"pairs": np.array([["1_cam1_1.png", "2_cam1_1.png"]], dtype=object)})
+    return f"{mat}: no variable 'positive_pairs_names' (variables found: pairs)",
+
+
+def _sf_corrupt_mat(root: Path) -> tuple[str, ...]:
+    mat = root / "Face_Identification_Test_Set" / "gallery_img_ID_pairs.mat"
+    mat.write_bytes(b"MATLAB 5.0 MAT-file" + np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8).tobytes())
+    return f"{mat}: not a readable MATLAB .mat file (",
+
+
+def _sf_lengths_differ(root: Path) -> tuple[str, ...]:
+    mat = root / "Face_Identification_Test_Set" / "mated_probe_img_ID_pairs.mat"
+    _savemat(mat, {"mated_probe_set": np.array([["1_cam2_2.png"]], dtype=object),
+                   "mated_probe_ids": np.array([[1.0], [2.0]])})
+    return f"{mat}: 1 names in 'mated_probe_set' but 2 ids in 'mated_probe_ids'",
+
+
+def _sf_listed_image_missing(root: Path) -> tuple[str, ...]:
+    image = root / "Face_Verification_Test_Set" / "verification_images" / "4_cam1_1.png"
+    image.unlink()
+    return f"{image}: listed in {root / 'Face_Verification_Test_Set' / 'negative_pairs_names.mat'} but the image",
+
+
+def _sf_truncated_image(root: Path) -> tuple[str, ...]:
+    image = root / "Face_Identification_Test_Set" / "unmated_probe" / "distractors_1.png"
+    image.write_bytes(image.read_bytes()[:40])
+    return f"{image}: ",
+
+
+LOWRES_FAULTS: dict[str, tuple[str, Callable[[Path], tuple[str, ...]]]] = {
+    "tinyface-missing-testing-set": ("tinyface", _tf_missing_testing_set),
+    "tinyface-missing-mat": ("tinyface", _tf_missing_mat),
+    "tinyface-mat-missing-variable": ("tinyface", _tf_mat_missing_variable),
+    "tinyface-corrupt-mat": ("tinyface", _tf_corrupt_mat),
+    "tinyface-names-and-ids-differ": ("tinyface", _tf_lengths_differ),
+    "tinyface-listed-image-missing": ("tinyface", _tf_listed_image_missing),
+    "tinyface-truncated-image": ("tinyface", _tf_truncated_image),
+    "survface-missing-verification-folder": ("survface", _sf_missing_verification_folder),
+    "survface-missing-pair-mat": ("survface", _sf_missing_pair_mat),
+    "survface-pair-mat-missing-variable": ("survface", _sf_pair_mat_missing_variable),
+    "survface-corrupt-mat": ("survface", _sf_corrupt_mat),
+    "survface-names-and-ids-differ": ("survface", _sf_lengths_differ),
+    "survface-listed-image-missing": ("survface", _sf_listed_image_missing),
+    "survface-truncated-image": ("survface", _sf_truncated_image),
+}
+
+
+@pytest.mark.parametrize("fault", list(LOWRES_FAULTS))
+def test_faults_tinyface_and_survface_files_are_one_line_naming_the_file(workspace, monkeypatch, fault):
+    """A broken TinyFace or QMUL-SurvFace folder (``fault``): ``bench eval`` refuses it in one line that starts
+    with the file's path (and, for a missing list, every place looked in); the inputs and the earlier metrics
+    file are left as they were."""
+    protocol, make = LOWRES_FAULTS[fault]
+    root = (_tinyface_folder if protocol == "tinyface" else _survface_folder)(workspace, monkeypatch)
+    fragments = make(root)
+    eval_fault(workspace, protocol, workspace.inputs / "features.npy", f"error: {fragments[0]}", *fragments[1:])
