@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from bench.distributed import all_gather_objects, broadcast_object
-from bench.errors import BenchError
+from bench.errors import BenchError, DataError
 from bench.records import atomic_write_json, atomic_write_with
 from methods.distributed import DistContext, class_shard
 
@@ -131,6 +131,17 @@ def load_weights_only(path: Path) -> dict[str, Any]:
     if missing:
         raise UnreadableCheckpoint(f"{path}: not a FaceBench checkpoint (no '{missing[0]}')")
     return payload
+
+
+def bare_state_dict(payload: Any, path: Path) -> dict[str, Any]:
+    """The model state dict inside a weights file that is not a FaceBench checkpoint: unwrapped from a
+    ``state_dict`` / ``backbone`` / ``model`` entry, ``module.`` (DataParallel / DDP) prefixes dropped."""
+    for key in ("state_dict", "backbone", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict):
+        raise DataError(f"{path}: expected a state dict, got {type(payload).__name__}")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in payload.items()}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

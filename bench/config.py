@@ -62,6 +62,8 @@ OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay", "betas", "eps")
 #: Keys added after run records existed, and the value every earlier run had: left out of the fingerprint at
 #: that value, so that earlier records (results/claims) keep their fingerprint and are still reused.
 FINGERPRINT_NEUTRAL_TRAIN = {"optimizer": "sgd", "betas": None, "eps": None}
+#: The same for ``eval`` keys.
+FINGERPRINT_NEUTRAL_EVAL = {"geometry_strength": 0.5}
 #: The same for ``data.synthface`` keys.
 FINGERPRINT_NEUTRAL_SYNTHFACE = {"lowres_fraction": 0.0, "lowres_min_px": 8}
 
@@ -196,6 +198,9 @@ class EvalSettings:
     ijb_detector_score: bool = True
     #: MegaFace variants: "raw" (all files) and/or "refined" (insightface's noise lists applied).
     megaface_variants: list[str] = field(default_factory=lambda: ["raw", "refined"])
+    #: synth-geometry: strength of the augmentation whose views it measures (alignment of views,
+    #: concentration); set it to a self-supervised run's own training strength to measure that augmentation.
+    geometry_strength: float = 0.5
 
 
 @dataclass
@@ -232,6 +237,8 @@ class RunConfig:
         payload["train"] = {k: v for k, v in payload["train"].items()
                             if k not in ("device", "log_every", "ckpt_every")
                             and not (k in FINGERPRINT_NEUTRAL_TRAIN and v == FINGERPRINT_NEUTRAL_TRAIN[k])}
+        payload["eval"] = {k: v for k, v in payload["eval"].items()
+                           if not (k in FINGERPRINT_NEUTRAL_EVAL and v == FINGERPRINT_NEUTRAL_EVAL[k])}
         # Where the files are and how many processes decode them do not change the results.
         payload["data"] = {k: v for k, v in payload["data"].items() if k not in ("path", "workers")}
         lowres_off = payload["data"]["synthface"].get("lowres_fraction") == 0.0
@@ -402,6 +409,7 @@ def validate(cfg: RunConfig) -> None:
             "data.card: dataset 'custom' needs a dataset card, e.g. --set data.card=my_dataset.yaml")
     require(len(e.protocols) > 0, "eval.protocols: give at least one protocol")
     require(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    require(0.0 <= e.geometry_strength <= 1.0, f"eval.geometry_strength must be in [0, 1], got {e.geometry_strength}")
     require(e.tar_read_off in ("nearest", "at_most"),
             f"eval.tar_read_off must be nearest or at_most, got {e.tar_read_off!r}")
     require(len(e.megaface_variants) > 0 and set(e.megaface_variants) <= {"raw", "refined"},

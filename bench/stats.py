@@ -17,6 +17,7 @@ A leaf (numpy and scipy only), used by the report's tables and by the claims' ju
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -138,3 +139,26 @@ def _check_relation(relation: str, eps: float | None) -> None:
         raise ValueError(f"relation must be one of {', '.join(RELATIONS)}, got {relation!r}")
     if relation == "equivalent" and (eps is None or eps <= 0):
         raise ValueError(f"an equivalence needs eps > 0, got {eps}")
+
+
+def spearman_interval(x: Sequence[float], y: Sequence[float], confidence: float = CONFIDENCE,
+                      resamples: int = 9999, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman's rho of paired ``x``, ``y`` (:func:`scipy.stats.spearmanr`) and its percentile bootstrap
+    interval over resampled pairs (``scipy.stats.bootstrap``, ``paired=True``, a fixed seed). NaNs with fewer
+    than three pairs or a constant input."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of equal length, got {a.shape} and {b.shape}")
+    if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return math.nan, math.nan, math.nan
+    rho = float(stats.spearmanr(a, b).statistic)
+
+    def statistic(first: np.ndarray, second: np.ndarray) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            value = stats.spearmanr(first, second).statistic
+        return 0.0 if np.isnan(value) else float(value)   # a resample with a constant side carries no rank order
+
+    result = stats.bootstrap((a, b), statistic, paired=True, vectorized=False, confidence_level=confidence,
+                             n_resamples=resamples, method="percentile", random_state=np.random.default_rng(seed))
+    return rho, float(result.confidence_interval.low), float(result.confidence_interval.high)

@@ -35,7 +35,7 @@ def tiny_eval(monkeypatch):
     """The synthetic protocols at toy sizes (the real protocols and formats, far fewer images):
     synth-lfw with 10 folds of 4 + 4 pairs from 40 identities; synth-ijbc with 8 subjects x 3 templates;
     synth-megaface with 4 people x 3 images and 10 / 40 distractors; synth-lowres with 8 subjects at 8 and 16 px;
-    synth-quality with 12 subjects x 3 images."""
+    synth-quality with 12 subjects x 3 images; synth-geometry with 4 identities x 3 images x 2 views."""
     from bench.eval import synth_benchmarks
     from bench.eval.verification import SynthLFW
 
@@ -55,6 +55,10 @@ def tiny_eval(monkeypatch):
     monkeypatch.setattr(synth_degraded, "SYNTH_QUALITY",
                         synth_degraded.SynthQualitySizes(subjects=12, images_per_subject=3, impostor_pairs=200,
                                                          ui_images=6))
+    from bench.eval import synth_geometry
+
+    monkeypatch.setattr(synth_geometry, "SYNTH_GEOMETRY",
+                        synth_geometry.SynthGeometrySizes(identities=4, images_per_identity=3, draws=2))
 
 
 @pytest.fixture

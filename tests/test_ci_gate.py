@@ -104,7 +104,7 @@ def test_ci_configuration_fails_a_baseline_it_does_not_meet(gate_results, tmp_pa
 
 def test_gpu_preset_trains_every_registered_method():
     """README: the GPU gate "trains every method". Catches: a method added to the registry (or one of the
-    eleven dropped from results/baselines/gpu.yaml) that the GPU gate would never train or check; the
+    registered ones dropped from results/baselines/gpu.yaml) that the GPU gate would never train or check; the
     preset read as `bench run --config` reads it."""
     from bench.config import load_config
     from methods import METHODS

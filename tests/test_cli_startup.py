@@ -205,7 +205,7 @@ def test_shared_options_are_declared_once():
     from bench.cli import app
 
     expected = {"--progress": {"run", "reproduce", "eval", "data pack", "data inspect", "data verify"},
-                "--device": {"run", "reproduce", "eval", "profile"},
+                "--device": {"run", "reproduce", "eval", "profile", "invert"},
                 "--data-root": {"run", "eval", "data verify"},
                 "--results": {"report", "check", "baseline save"}}
     seen: dict[str, dict[str, str]] = {flag: {} for flag in expected}

@@ -21,6 +21,7 @@ def _register_commands() -> None:
     """Attach every sub-command; each module imports its heavy dependencies inside the command."""
     from bench.cli.data import app as data_app
     from bench.cli.eval import eval_command
+    from bench.cli.invert import invert_command
     from bench.cli.listing import list_command
     from bench.cli.report import baseline_app, check_command, profile_command, report_command
     from bench.cli.reproduce import reproduce_command
@@ -30,6 +31,7 @@ def _register_commands() -> None:
     app.command("list")(list_command)
     app.add_typer(data_app, name="data")
     app.command("eval")(eval_command)
+    app.command("invert")(invert_command)
     app.command("reproduce")(reproduce_command)
     app.command("report")(report_command)
     app.command("profile")(profile_command)

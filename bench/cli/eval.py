@@ -100,6 +100,7 @@ def _load_checkpoint(path: Path, backbone: str, embedding_size: int, input_size:
     import torch
 
     from bench.backbones import build_backbone
+    from bench.checkpoint import bare_state_dict
     from bench.errors import DataError
 
     model = build_backbone(backbone, embedding_size=embedding_size, input_size=input_size)
@@ -109,12 +110,7 @@ def _load_checkpoint(path: Path, backbone: str, embedding_size: int, input_size:
         raise DataError(f"{path}: checkpoint not found") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         raise DataError(f"{path}: not a weights-only torch checkpoint ({str(exc).strip().splitlines()[0]})") from None
-    for key in ("state_dict", "backbone", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise DataError(f"{path}: expected a state dict, got {type(state).__name__}")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = bare_state_dict(state, path)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ (another embedding size or input size)

@@ -25,8 +25,8 @@ HARNESS_CATALOG: dict[str, dict[str, tuple[str, ...]]] = {
                                        "webface12m", "webface42m", "webface4m")},
     "splits": {name: () for name in ("full", "longtail", "shallow")},
     "protocols": {name: () for name in ("agedb_30", "calfw", "cfp_ff", "cfp_fp", "cplfw", "ijbb", "ijbc", "lfw",
-                                        "megaface", "survface", "synth-ijbc", "synth-lfw", "synth-lowres",
-                                        "synth-megaface", "synth-quality",
+                                        "megaface", "survface", "synth-geometry", "synth-ijbc", "synth-lfw",
+                                        "synth-lowres", "synth-megaface", "synth-quality",
                                         "synth-tail", "tinyface", "vgg2_fp")},
 }
 

@@ -32,7 +32,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.report.latex import latex_escape
-from bench.report.runs import KEY_COLUMNS, provenance, runs_frame, select_runs
+from bench.report.runs import KEY_COLUMNS, finite_number, provenance, runs_frame, select_runs
 from bench.report.tables import best_mask, metric_cell, lower_is_better
 from bench.stats import t_interval
 
@@ -65,12 +65,6 @@ QUALITY_NOTE = ("pAUC: area under the FNMR-versus-fraction-discarded curve (EDC)
 # ----------------------------------------------------------------------------------------------------
 
 
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(number) else number
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -88,8 +82,8 @@ def _far_value(tars: Any, far: float) -> float | None:
     if not isinstance(tars, dict):
         return None
     for key, value in tars.items():
-        if _number(key) is not None and math.isclose(float(key), far, rel_tol=1e-9):
-            return _number(value)
+        if finite_number(key) is not None and math.isclose(float(key), far, rel_tol=1e-9):
+            return finite_number(value)
     return None
 
 
@@ -103,9 +97,9 @@ def lowres_values(values: dict[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for resolution, entry in _mapping(values.get("per_resolution")).items():
         entry = _mapping(entry)
-        out[f"rank-1 {_resolution_label(resolution)}"] = _number(entry.get("rank1"))
+        out[f"rank-1 {_resolution_label(resolution)}"] = finite_number(entry.get("rank1"))
         out[f"TAR@FAR=1e-3 {_resolution_label(resolution)}"] = _far_value(entry.get("tar_at_far"), LOWRES_FAR)
-    out["HR rank-1"] = _number(_mapping(values.get("hr")).get("rank1"))
+    out["HR rank-1"] = finite_number(_mapping(values.get("hr")).get("rank1"))
     return out
 
 
@@ -113,10 +107,10 @@ def quality_values(values: dict[str, Any]) -> dict[str, float | None]:
     """One run's ``synth-quality`` metrics as columns: ``pAUC <score>`` and ``rho <score> <nuisance>``."""
     out: dict[str, float | None] = {}
     for score, pauc in _mapping(values.get("pauc")).items():
-        out[f"pAUC {score}"] = _number(pauc)
+        out[f"pAUC {score}"] = finite_number(pauc)
     for score, correlations in _mapping(values.get("spearman")).items():
         for nuisance, rho in _mapping(correlations).items():
-            out[f"rho {score} {nuisance}"] = _number(rho)
+            out[f"rho {score} {nuisance}"] = finite_number(rho)
     return out
 
 
@@ -213,7 +207,7 @@ def _ordered(names: Iterable[str], first: tuple[str, ...] = ()) -> list[str]:
 def _by_resolution(columns: list[str], prefix: str) -> list[str]:
     """The ``<prefix> <r>px`` columns, by increasing resolution."""
     chosen = [c for c in columns if c.startswith(prefix + " ") and c.endswith("px")]
-    return sorted(chosen, key=lambda c: float(c[len(prefix) + 1:-2]) if _number(c[len(prefix) + 1:-2]) is not None
+    return sorted(chosen, key=lambda c: float(c[len(prefix) + 1:-2]) if finite_number(c[len(prefix) + 1:-2]) is not None
                   else math.inf)
 
 
@@ -284,7 +278,7 @@ def _protocol_settings(records: list[dict[str, Any]], runs: pd.DataFrame) -> str
     """``FMR ...; discard range [0, ...]`` of the quality runs (each distinct value listed)."""
     by_id = {r["run_id"]: r for r in records}
     def text(value: Any) -> str:
-        number = _number(value)
+        number = finite_number(value)
         return "?" if number is None else f"{number:g}"
 
     fmrs, limits = set(), set()
@@ -357,6 +351,6 @@ def edc_runs(records: list[dict[str, Any]]) -> dict[str, list[tuple[list[float],
 
 def pauc_limit(records: list[dict[str, Any]]) -> float | None:
     """The protocol's pAUC discard limit (the largest among ``records``), None when none says."""
-    limits = [_number(_mapping(_protocol(r, QUALITY)).get("pauc_max_discard")) for r in records]
+    limits = [finite_number(_mapping(_protocol(r, QUALITY)).get("pauc_max_discard")) for r in records]
     limits = [limit for limit in limits if limit is not None]
     return max(limits) if limits else None

@@ -82,6 +82,12 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def finite_number(value: Any) -> float | None:
+    """A number of a record as float, None when it is missing, not a number or NaN."""
+    number = _float(value)
+    return None if number is None or math.isnan(number) else number
+
+
 def record_row(record: dict[str, Any]) -> dict[str, Any]:
     """Flatten one run record into a table row; a verification protocol's fold accuracies stay a list in
     ``<protocol> acc folds``, for the interval of a single seed (:func:`aggregate`)."""

@@ -2,6 +2,7 @@
 
 Reads the records once (:func:`bench.report.runs.load_records`), renders :mod:`bench.report.tables`,
 :mod:`bench.report.quality_report` (the low-resolution and face-quality sections),
+:mod:`bench.report.geometry_report` (the representation-geometry section),
 :mod:`bench.report.profile_table` and :mod:`bench.report.figures` (matplotlib, imported only when figures
 are drawn) and stages every file in :class:`bench.report.staging.StagedFiles`, so all or none replace the
 previous report.
@@ -14,6 +15,7 @@ from typing import Any
 
 from bench.report.claims import ClaimRow, write_claims_files
 from bench.report.curation_table import curation_section
+from bench.report.geometry_report import geometry_section
 from bench.report.profile_table import profile_section
 from bench.report.quality_report import lowres_section, quality_section
 from bench.report.runs import load_records, provenance, runs_frame, summary_frame
@@ -57,7 +59,8 @@ def _write_report_files(records: list[dict[str, Any]], results_dir: Path, out_di
     if not summary.empty:
         parts += ["## Results\n", TABLE_NOTE + "\n", provenance(summary) + "\n", to_markdown(summary) + "\n"]
         tex_parts.append(to_latex(summary, provenance(summary)))
-    for section_md, section_tex in (lowres_section(records), quality_section(records), curation_section(records)):
+    for section_md, section_tex in (lowres_section(records), quality_section(records), geometry_section(records),
+                                    curation_section(records)):
         if section_md:
             parts.append(section_md)
             tex_parts.append("\n" + section_tex)

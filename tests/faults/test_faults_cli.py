@@ -31,6 +31,7 @@ from typer.main import get_command
 from typer.testing import CliRunner, Result
 
 from bench.cli import app
+from bench.eval import PROTOCOLS
 from methods.base import METHODS
 from tests.faults.fault_helpers import (assert_one_error_line, assert_preserved, bench_argv, python_env,
                                        seed_earlier_record, snapshot, tree)
@@ -106,9 +107,7 @@ RUN_FAULTS = {
                        ["error: unknown method 'sphereface'; valid: " + ", ".join(METHODS.names())]),
     "unknown-backbone": (["--backbone", "r9000"], ["error: unknown backbone 'r9000'; valid:"]),
     "unknown-split": (["--split", "deep"], ["error: unknown split 'deep'; valid: full, longtail, shallow"]),
-    "unknown-protocol": (["--eval", "lfw2"], ["error: unknown protocol 'lfw2'; valid: agedb_30, calfw, cfp_ff, "
-                                              "cfp_fp, cplfw, ijbb, ijbc, lfw, megaface, synth-ijbc, synth-lfw, "
-                                              "synth-megaface"]),
+    "unknown-protocol": (["--eval", "lfw2"], ["error: unknown protocol 'lfw2'; valid: " + ", ".join(PROTOCOLS.names())]),
     "unknown-dataset": (["--dataset", "ms1m"], ["error: unknown dataset 'ms1m'; valid: casia, custom, glint360k, "
                                                 "ms1mv2, ms1mv3, synthface, webface12m, webface42m, webface4m"]),
     "budget-below-batch": (["--budget", "-5"], ["error: train.budget (-5) must be >= train.batch_size (32)"]),
