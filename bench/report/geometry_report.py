@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from bench.report.latex import latex_escape
 from bench.report.quality_report import seed_summary
-from bench.report.runs import KEY_COLUMNS, finite_number, provenance, runs_frame, select_runs
+from bench.report.runs import KEY_COLUMNS, finite_number, provenance, selected_values
 from bench.report.tables import metric_cell
 
 GEOMETRY = "synth-geometry"
@@ -56,20 +56,6 @@ def geometry_values(record: dict[str, Any]) -> dict[str, float | None] | None:
     out: dict[str, float | None] = {ACCURACY: finite_number(lfw.get("accuracy")) if isinstance(lfw, dict) else None}
     out.update({str(name): finite_number(value) for name, value in values["summary"].items()})
     return out
-
-
-def _selected(records: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = runs_frame(records)
-    if frame.empty:
-        return frame
-    by_id = {r["run_id"]: r for r in records}
-    rows = []
-    for _, row in select_runs(frame).iterrows():
-        values = geometry_values(by_id[row["run_id"]])
-        if values is not None:
-            rows.append({**row[KEY_COLUMNS + ["seed", "run_id", "config", "commit", "device", "date"]].to_dict(),
-                         **values})
-    return pd.DataFrame(rows)
 
 
 def _plain(row: pd.Series, column: str) -> str:
@@ -106,7 +92,7 @@ def _table(runs: pd.DataFrame) -> tuple[str, str]:
 
 def geometry_section(records: list[dict[str, Any]]) -> tuple[str, str]:
     """Markdown and LaTeX of the representation-geometry tables ("" when no shown run has ``synth-geometry``)."""
-    runs = _selected(records)
+    runs = selected_values(records, geometry_values)
     if runs.empty:
         return "", ""
     md, tex = ["## Representation geometry\n", NOTE + "\n"], ["% Representation geometry (synth-geometry)\n"]

@@ -32,7 +32,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.report.latex import latex_escape
-from bench.report.runs import KEY_COLUMNS, finite_number, provenance, runs_frame, select_runs
+from bench.report.runs import KEY_COLUMNS, finite_number, provenance, selected_values
 from bench.report.tables import best_mask, metric_cell, lower_is_better
 from bench.stats import t_interval
 
@@ -118,17 +118,11 @@ def _selected(records: list[dict[str, Any]], protocol: str,
               extract: Callable[[dict[str, Any]], dict[str, float | None]]) -> pd.DataFrame:
     """The runs the main table shows whose metrics hold ``protocol``, one row each, with ``extract``'s
     columns."""
-    frame = runs_frame(records)
-    if frame.empty:
-        return frame
-    by_id = {r["run_id"]: r for r in records}
-    rows = []
-    for _, row in select_runs(frame).iterrows():
-        values = _protocol(by_id[row["run_id"]], protocol)
-        if values is not None:
-            rows.append({**row[KEY_COLUMNS + ["seed", "run_id", "config", "commit", "device", "date"]].to_dict(),
-                         **extract(values)})
-    return pd.DataFrame(rows)
+    def values(record: dict[str, Any]) -> dict[str, float | None] | None:
+        metrics = _protocol(record, protocol)
+        return None if metrics is None else extract(metrics)
+
+    return selected_values(records, values)
 
 
 def seed_summary(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

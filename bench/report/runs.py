@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,23 @@ def load_records(results_dir: Path) -> list[dict[str, Any]]:
     for error in broken:
         warn_broken_record(error)
     return records
+
+
+def selected_values(records: list[dict[str, Any]],
+                    values: Callable[[dict[str, Any]], dict[str, Any] | None]) -> pd.DataFrame:
+    """The runs the main table shows (:func:`select_runs`) for which ``values(record)`` is not None, one row
+    each: the run's key and provenance columns and those values (the report's per-protocol sections)."""
+    frame = runs_frame(records)
+    if frame.empty:
+        return frame
+    by_id = {r["run_id"]: r for r in records}
+    rows = []
+    for _, row in select_runs(frame).iterrows():
+        extra = values(by_id[row["run_id"]])
+        if extra is not None:
+            rows.append({**row[KEY_COLUMNS + ["seed", "run_id", "config", "commit", "device", "date"]].to_dict(),
+                         **extra})
+    return pd.DataFrame(rows)
 
 
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
