@@ -13,35 +13,34 @@ where mu_l(x) and sigma^2_l(x) are the per-channel mean and (biased) variance of
 generated batch (batch, height and width). The image x, in the model's normalised input space ([-1, 1], the
 convention of :func:`bench.data.loader.normalise`), starts from noise and is optimised by Adam to minimise
 
-    L(x) = L_id(x) + bn_weight * R_feature(x) + tv_weight * R_TV(x),
+    L(x) = L_id(v(x)) + bn_weight * R_feature(v(x)) + tv_weight * R_TV(x) [+ l2_weight * ||x||],
 
-clamped to [-1, 1] after each step. The model stays in ``eval`` mode throughout: its BN layers normalise with
-their running statistics (which therefore never change), and forward hooks on every ``nn.BatchNorm2d`` read
-the batch statistics of their inputs for R_feature.
+where v(x) is a random view of the batch drawn afresh at each step (shift, flip, zoom, rotation), and the
+first BN layer's term of R_feature is weighted by ``first_bn_multiplier``; x is clamped to [-1, 1] after
+each step. The model stays in ``eval`` mode throughout: its BN layers normalise with their running
+statistics (which therefore never change), and forward hooks on every ``nn.BatchNorm2d`` read the batch
+statistics of their inputs for R_feature. :class:`InversionSettings` holds every setting with its source.
 
 What is confirmed and what is ours:
 - Confirmed (ArcFace v4 abstract): a trained ArcFace model, its gradient and its BN statistics as the only
-  priors; no generator, no discriminator.
-- Confirmed (DeepInversion, NVlabs/DeepInversion): R_feature's form above (L2 norms, not squared; biased
-  variance; BatchNorm2d inputs), R_TV's form (the sum of the L2 norms of the image differences in four
-  directions: horizontal, vertical and both diagonals), Adam on the input from Gaussian noise, a random
-  shift (jitter, ``torch.roll``) of up to 2 px per step at 32 px (:data:`DEFAULT_JITTER`), its CIFAR-10 (32 px)
-  "paper parameters" learning rate 0.05 (:data:`DEFAULT_LR`) and its README's TV weight 1e-3 for "better
-  reconstructed images" (:data:`DEFAULT_TV_WEIGHT`; the paper setting is 2.5e-5). It runs 2,000 iterations
-  on batches of 256; a few hundred steps on one image per identity are ours.
+  priors; no generator, no discriminator. The ArcFace paper's own weights and schedule could not be read.
+- Confirmed (DeepInversion, NVlabs/DeepInversion ``deepinversion.py``, ``imagenet_inversion.py``,
+  ``utils/utils.py``, ``cifar10/``): R_feature's form above (L2 norms, not squared; biased variance;
+  BatchNorm2d inputs) and its extra factor on the first BN layer (``first_bn_multiplier``, 10), R_TV's form
+  (the sum of the L2 norms of the image differences in four directions), the L2 image prior, Adam on the
+  input from Gaussian noise with betas (0.5, 0.9), the learning rate warmed up linearly for 100 steps and
+  then cosine-decayed (``lr_cosine_policy``), a random shift (``torch.roll``) of up to 2 px at 32 px (its
+  CIFAR-10 jitter) and a random horizontal flip per step, a clamp of the image to the valid range, the
+  CIFAR-10 learning rate 0.05 and the ImageNet example's R_feature weight 0.01.
 - Ours: the identity term L_id = mean over identities of 1 - cos(f(x_k), t_k) (ArcFace compares features by
-  cosine; the ArcFace paper's own identity term for subjects outside the training data is not quoted here),
-  the BN weight :data:`DEFAULT_BN_WEIGHT` (DeepInversion's CIFAR value, 10, goes with a classifier's
-  cross-entropy), the initial noise N(0, 0.5^2) clamped to [-1, 1], and
-  :data:`DEFAULT_STEPS`. The BatchNorm1d ``features`` layer of IResNet is not part of the prior (DeepInversion
-  uses BatchNorm2d layers only).
+  cosine; DeepInversion's is a classifier's cross-entropy), the random zoom (+-10 %) and rotation (+-10
+  degrees) of the view (the "transformation robustness" of Olah et al., "Feature Visualization", Distill
+  2017), the TV weight (0.01), the step count (1,000), the initial noise N(0, 0.5^2) clamped to [-1, 1],
+  and TV computed on x rather than on its shifted view (no seam). The BatchNorm1d ``features`` layer of
+  IResNet is not part of the prior (DeepInversion uses BatchNorm2d layers only).
 
-How the BN weight was chosen (ours): on an ArcFace ``small`` model trained on SynthFace for 40,000 samples
-(32 px), 8 held-out identities, 300 steps. With 0.001 (TV 1e-3, jitter 2) R_feature and R_TV of the 8
-generated images end near those of a batch of 8 real held-out faces (224 vs 387, 90 vs 111), the cosine to
-the targets is 0.97 and rank-1 0.75; with 0.01 (TV 2.5e-5, no jitter) cosine 0.86 and rank-1 0.25; with 0.1
-or more the prior wins (cosine <= 0.42, rank-1 0). At that scale the generated images match their targets
-but are coloured textures, not recognisable faces.
+How the settings were chosen (ours): see the README section "Feature inversion" for the sweep and the
+measured grid.
 
 :func:`identity_rank1` scores the result: rank-1 identification of the generated images against a gallery
 of real images (each identity's gallery features averaged and normalised, cosine similarity).
@@ -51,7 +50,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,25 +62,100 @@ from bench.checkpoint import PAYLOAD_KEYS, bare_state_dict, read_manifest
 from bench.data.loader import normalise
 from bench.errors import BenchError, DataError
 
-#: Adam's learning rate on the image in [-1, 1]: DeepInversion's CIFAR-10 "paper parameters" (di_lr 0.05).
-DEFAULT_LR = 0.05
-#: Weight of R_feature. Ours (see the module docstring): DeepInversion's CIFAR-10 weight is 10 next to a
-#: cross-entropy; next to a cosine distance in [0, 2] that weight drowns the identity term.
-DEFAULT_BN_WEIGHT = 0.001
-#: Weight of the TV-L2 prior: DeepInversion's CIFAR-10 README setting for "better reconstructed images"
-#: (di_var_scale 0.001; its paper setting is 2.5e-5).
-DEFAULT_TV_WEIGHT = 1e-3
-#: Random shift (torch.roll) of the image by up to this many pixels per axis before each forward:
-#: DeepInversion's CIFAR-10 jitter (lim_0 = lim_1 = 2).
-DEFAULT_JITTER = 2
-#: Optimisation steps (ours: DeepInversion runs 2,000; a few hundred suffice at 32 px for one image per id).
-DEFAULT_STEPS = 300
+@dataclass(frozen=True)
+class InversionSettings:
+    """The optimisation of :func:`invert`. Each default names its source; see the module docstring for how
+    the ones marked "ours" were chosen."""
+
+    #: Adam steps. Ours: DeepInversion runs 2,000 (its ``setting_id`` 1) on 224 px images; at 32 px the
+    #: identity term converges within a few hundred and the priors keep shaping the image until ~1,000.
+    steps: int = 1000
+    #: Peak learning rate on the image in [-1, 1]: DeepInversion's CIFAR-10 "paper parameters" (di_lr 0.05).
+    lr: float = 0.05
+    #: Linear warm-up steps before the cosine decay: DeepInversion's ``lr_cosine_policy(lr, 100, iterations)``.
+    warmup: int = 100
+    #: Adam's betas: DeepInversion's ImageNet settings 0 and 1 (``betas=[0.5, 0.9]``).
+    betas: tuple[float, float] = (0.5, 0.9)
+    #: Weight of R_feature: DeepInversion's ImageNet README example (``--r_feature=0.01``).
+    bn_weight: float = 0.01
+    #: Extra factor on the first BatchNorm layer's term: DeepInversion's ``first_bn_multiplier`` default, 10.
+    first_bn_multiplier: float = 10.0
+    #: Weight of the TV-L2 prior. Ours (a sweep, module docstring): 10x DeepInversion's CIFAR-10 README value
+    #: (di_var_scale 0.001), since at 32 px every pixel is a large part of a feature.
+    tv_weight: float = 0.01
+    #: Weight of DeepInversion's L2 prior on the image (mean over images of the L2 norm). DeepInversion's
+    #: ImageNet default is 1e-5; ours 0, since the clamp to [-1, 1] already bounds the image.
+    l2_weight: float = 0.0
+    #: Random shift (torch.roll) by up to this many pixels per axis before each forward: DeepInversion's
+    #: CIFAR-10 jitter (lim_0 = lim_1 = 2).
+    jitter: int = 2
+    #: Random horizontal flip of the view with probability 1/2: DeepInversion's ``--do_flip``.
+    flip: bool = True
+    #: Random zoom of the view by a factor in [1 - scale, 1 + scale]. Ours, after the "transformation
+    #: robustness" of Olah, Mordvintsev and Schubert, "Feature Visualization", Distill 2017: an image whose
+    #: identity survives small zooms and rotations cannot rely on single-pixel patterns.
+    scale: float = 0.1
+    #: Random rotation of the view by up to this many degrees (ours, same source as ``scale``).
+    rotate_deg: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = {"steps": self.steps >= 0, "lr": self.lr > 0, "warmup": self.warmup >= 0,
+                  "bn_weight": self.bn_weight >= 0, "first_bn_multiplier": self.first_bn_multiplier >= 0,
+                  "tv_weight": self.tv_weight >= 0, "l2_weight": self.l2_weight >= 0, "jitter": self.jitter >= 0,
+                  "scale": 0 <= self.scale < 1, "rotate_deg": 0 <= self.rotate_deg <= 180,
+                  "betas": all(0 <= b < 1 for b in self.betas)}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"inversion setting {bad[0]} out of range: {getattr(self, bad[0])!r}")
+
+
 #: Standard deviation of the initial Gaussian noise in [-1, 1] space, before clamping (ours).
 INIT_NOISE_STD = 0.5
 
 #: SynthFace evaluation-namespace identities used by ``bench invert`` (no generator uses [700,000, 1,000,000)).
 INVERT_TARGET_OFFSET = 700_000
 INVERT_DISTRACTOR_OFFSET = 710_000
+
+
+def learning_rate(step: int, settings: InversionSettings) -> float:
+    """DeepInversion's ``lr_cosine_policy``: ``lr (step + 1) / warmup`` for the first ``warmup`` steps, then
+    ``lr (1 + cos(pi (step - warmup) / (steps - warmup))) / 2``."""
+    if step < settings.warmup:
+        return settings.lr * (step + 1) / settings.warmup
+    span = max(settings.steps - settings.warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - settings.warmup) / span)) * settings.lr
+
+
+def zoom_rotate(images: Tensor, zoom: float, degrees: float) -> Tensor:
+    """``images`` enlarged by ``zoom`` about the centre and rotated by ``degrees`` (counter-clockwise as
+    displayed, row 0 at the top), bilinear, reflected at the border; ``zoom = 1, degrees = 0`` is the
+    identity."""
+    angle = math.radians(degrees)
+    # affine_grid maps output to input coordinates (x right, y down, so a matrix that turns clockwise in
+    # maths axes turns counter-clockwise on screen): output pixel p shows input pixel theta p, theta = R / zoom.
+    theta = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0],
+                          [math.sin(angle), math.cos(angle), 0.0]], dtype=images.dtype) / zoom
+    grid = F.affine_grid(theta.to(images.device).expand(images.shape[0], 2, 3), list(images.shape),
+                         align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_view(images: Tensor, settings: InversionSettings, generator: torch.Generator) -> Tensor:
+    """The view of ``images`` the model sees at one step: one random roll (up to ``jitter`` px per axis), a
+    horizontal flip with probability 1/2 (``flip``), then one zoom and rotation (``scale``, ``rotate_deg``;
+    bilinear, reflected at the border), the same for the whole batch, drawn from ``generator``. With
+    ``jitter = 0``, ``flip = False``, ``scale = 0`` and ``rotate_deg = 0`` it is ``images`` itself."""
+    view = images
+    if settings.jitter:
+        dy, dx = (int(v) for v in torch.randint(-settings.jitter, settings.jitter + 1, (2,), generator=generator))
+        view = torch.roll(view, shifts=(dy, dx), dims=(2, 3))
+    if settings.flip and bool(torch.rand((), generator=generator) < 0.5):
+        view = torch.flip(view, dims=(3,))
+    if settings.scale or settings.rotate_deg:
+        zoom = 1.0 + (float(torch.rand((), generator=generator)) * 2.0 - 1.0) * settings.scale
+        degrees = (float(torch.rand((), generator=generator)) * 2.0 - 1.0) * settings.rotate_deg
+        view = zoom_rotate(view, zoom, degrees)
+    return view
 
 
 class BatchNormStatistics:
@@ -114,11 +188,13 @@ class BatchNormStatistics:
             handle.remove()
         self._handles = []
 
-    def loss(self) -> Tensor:
-        """The sum of the collected terms (0 when the forward reached no BatchNorm2d)."""
+    def loss(self, first_multiplier: float = 1.0) -> Tensor:
+        """The sum of the collected terms, the first layer's (the first BatchNorm2d the forward reached)
+        multiplied by ``first_multiplier`` (DeepInversion's ``first_bn_multiplier``); 0 when the forward
+        reached no BatchNorm2d."""
         if not self.terms:
             return torch.zeros(())
-        return torch.stack(self.terms).sum()
+        return self.terms[0] * first_multiplier + sum(self.terms[1:], torch.zeros(()))
 
 
 def bn_statistics_loss(model: nn.Module, images: Tensor) -> Tensor:
@@ -160,20 +236,22 @@ def embed(model: nn.Module, images_uint8: Tensor, device: torch.device | str = "
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def invert(model: nn.Module, targets: Tensor, image_size: int, steps: int = DEFAULT_STEPS,
-           lr: float = DEFAULT_LR, bn_weight: float = DEFAULT_BN_WEIGHT, tv_weight: float = DEFAULT_TV_WEIGHT,
-           seed: int = 0, device: torch.device | str = "cpu", jitter: int = DEFAULT_JITTER) -> Tensor:
+def invert(model: nn.Module, targets: Tensor, image_size: int,
+           settings: InversionSettings = InversionSettings(), seed: int = 0,
+           device: torch.device | str = "cpu") -> Tensor:
     """Images whose embeddings match ``targets`` (``[K, D]``, unit rows): uint8 ``[K, 3, S, S]``.
 
     One batch of ``K`` images, initialised from seeded Gaussian noise, optimised jointly (the BN prior is a
-    statistic of the batch) by Adam for ``steps`` steps on ``L_id + bn_weight * R_feature + tv_weight * R_TV``
-    (module docstring), each step on the batch rolled by a random shift of up to ``jitter`` pixels (the same
-    seeded generator), clamped to [-1, 1] after each step. The model is put in ``eval`` mode and its
-    parameters are not changed (their ``requires_grad`` flags are restored). Deterministic for a seed on
-    the CPU.
+    statistic of the batch) by Adam (``settings.betas``, learning rate :func:`learning_rate` at each step)
+    for ``settings.steps`` steps on
+
+        L_id(view) + bn_weight * R_feature(view) + tv_weight * R_TV(x) + l2_weight * mean_k ||x_k||_2,
+
+    where ``view`` is :func:`random_view` of the batch (drawn from the same seeded generator) and
+    R_feature weighs the first BatchNorm layer by ``first_bn_multiplier``; the images are clamped to
+    [-1, 1] after each step. The model is put in ``eval`` mode and its parameters are not changed (their
+    ``requires_grad`` flags are restored). Deterministic for a seed on the CPU.
     """
-    if steps < 0 or jitter < 0:
-        raise ValueError(f"steps and jitter must be >= 0, got {steps} and {jitter}")
     device = torch.device(device)
     model.eval()
     targets = F.normalize(targets.detach().float(), dim=1).to(device)
@@ -183,21 +261,21 @@ def invert(model: nn.Module, targets: Tensor, image_size: int, steps: int = DEFA
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam([x], lr=lr)
+    optimizer = torch.optim.Adam([x], lr=settings.lr, betas=settings.betas, eps=1e-8)
     try:
         with BatchNormStatistics(model) as stats:
-            for _ in range(steps):
+            for step in range(settings.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, settings)
                 optimizer.zero_grad(set_to_none=True)
                 stats.terms = []
-                view = x
-                if jitter:
-                    dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
-                    view = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-                loss = identity_loss(model(view), targets)
-                if bn_weight:
-                    loss = loss + bn_weight * stats.loss().to(device)
-                if tv_weight:
-                    loss = loss + tv_weight * total_variation(x)
+                loss = identity_loss(model(random_view(x, settings, generator)), targets)
+                if settings.bn_weight:
+                    loss = loss + settings.bn_weight * stats.loss(settings.first_bn_multiplier).to(device)
+                if settings.tv_weight:
+                    loss = loss + settings.tv_weight * total_variation(x)
+                if settings.l2_weight:
+                    loss = loss + settings.l2_weight * torch.linalg.vector_norm(x.flatten(1), dim=1).mean()
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
@@ -360,49 +438,65 @@ def save_grid(real: Tensor, generated: Tensor, path: Path, display_size: int = 1
     save_image(pairs, path, nrow=2 * min(pairs_per_row, real.shape[0]), padding=2, pad_value=1.0)
 
 
-def run_inversion(loaded: LoadedBackbone, synthface_settings: Any, identities: int, steps: int, seed: int,
-                  device: torch.device, lr: float = DEFAULT_LR, bn_weight: float = DEFAULT_BN_WEIGHT,
-                  tv_weight: float = DEFAULT_TV_WEIGHT, jitter: int = DEFAULT_JITTER, images_per_target: int = 5,
-                  gallery_per_identity: int = 5, distractors: int = 50) -> tuple[dict[str, Any], Tensor, Tensor]:
+def _model_record(loaded: LoadedBackbone) -> dict[str, Any]:
+    return {"checkpoint": str(loaded.source), "step": loaded.step, "backbone": loaded.backbone,
+            "embedding_size": loaded.embedding_size, "input_size": loaded.input_size}
+
+
+def run_inversion(loaded: LoadedBackbone, synthface_settings: Any, identities: int, settings: InversionSettings,
+                  seed: int, device: torch.device, images_per_target: int = 5, gallery_per_identity: int = 5,
+                  distractors: int = 50, verifier: LoadedBackbone | None = None
+                  ) -> tuple[dict[str, Any], Tensor, Tensor]:
     """Render the targets, invert them and score the result: (the JSON record, real images ``[K, 3, S, S]``
-    (each identity's first target image), generated images ``[K, 3, S, S]``)."""
+    (each identity's first target image), generated images ``[K, 3, S, S]``).
+
+    The generated images are scored by rank-1 against real gallery images under the model that generated
+    them and, when ``verifier`` is given, under that second, independently trained model (DeepInversion's
+    "verifier" check): the optimisation targets the first model's embedding directly, so only the second
+    tells identity the images carry from patterns that fool one network. Both come with two references: one
+    real held-out image per identity (one of its target images) and the initial noise (steps = 0)."""
+    if verifier is not None and verifier.input_size != loaded.input_size:
+        raise BenchError(f"{verifier.source}: the verifier takes {verifier.input_size} px images, the inverted "
+                         f"model {loaded.input_size} px")
     started = time.perf_counter()
     model = loaded.model.to(device).eval()
     synth = render_synth_targets(synthface_settings, loaded.input_size, identities, images_per_target,
                                  gallery_per_identity, distractors)
     rendered = time.perf_counter()
     targets = target_embeddings(model, synth.target_images, device)
-    generated = invert(model, targets, loaded.input_size, steps=steps, lr=lr, bn_weight=bn_weight,
-                       tv_weight=tv_weight, seed=seed, device=device, jitter=jitter)
+    generated = invert(model, targets, loaded.input_size, settings, seed=seed, device=device)
     inverted = time.perf_counter()
     cosines = (embed(model, generated, device) * targets).sum(dim=1)
     real = synth.target_images[:, 0]
-    # References: the same scoring of one real held-out image per identity (one of its target images), and of
-    # the initial noise (steps = 0).
     real_cosines = (embed(model, real, device) * targets).sum(dim=1)
-    noise = invert(model, targets, loaded.input_size, steps=0, seed=seed, device=device)
-    record = {
-        "identity_rank1": identity_rank1(model, generated, synth.gallery_images, synth.gallery_labels,
-                                         synth.identities, device),
+    noise = invert(model, targets, loaded.input_size, replace(settings, steps=0), seed=seed, device=device)
+
+    def rank1(scorer: nn.Module, images: Tensor) -> float:
+        return identity_rank1(scorer, images, synth.gallery_images, synth.gallery_labels, synth.identities, device)
+
+    record: dict[str, Any] = {
+        "identity_rank1": rank1(model, generated),
         "cosine_to_target": [round(float(c), 6) for c in cosines],
         "mean_cosine_to_target": float(cosines.mean()),
         "reference": {
-            "real_image_rank1": identity_rank1(model, real, synth.gallery_images, synth.gallery_labels,
-                                               synth.identities, device),
+            "real_image_rank1": rank1(model, real),
             "real_image_mean_cosine_to_target": float(real_cosines.mean()),
-            "noise_rank1": identity_rank1(model, noise, synth.gallery_images, synth.gallery_labels,
-                                          synth.identities, device),
+            "noise_rank1": rank1(model, noise),
             "chance_rank1": 1.0 / (identities + distractors),
         },
+    }
+    if verifier is not None:
+        checker = verifier.model.to(device).eval()
+        record["verifier"] = {"identity_rank1": rank1(checker, generated), "real_image_rank1": rank1(checker, real),
+                              "noise_rank1": rank1(checker, noise), "model": _model_record(verifier)}
+    record.update({
         "identities": [int(i) for i in synth.identities],
         "gallery": {"images_per_identity": gallery_per_identity, "distractor_identities": distractors,
                     "target_images_per_identity": images_per_target, "namespace": "synthface evaluation"},
-        "steps": steps, "lr": lr, "weights": {"identity": 1.0, "bn": bn_weight, "tv": tv_weight},
-        "jitter": jitter,
+        "steps": settings.steps, "settings": {**asdict(settings), "betas": list(settings.betas)},
         "seed": seed, "device": str(device),
-        "model": {"checkpoint": str(loaded.source), "step": loaded.step, "backbone": loaded.backbone,
-                  "embedding_size": loaded.embedding_size, "input_size": loaded.input_size},
+        "model": _model_record(loaded),
         "time_s": {"render": rendered - started, "invert": inverted - rendered,
                    "total": time.perf_counter() - started},
-    }
+    })
     return record, real, generated

@@ -12,11 +12,14 @@ cosine of each generated embedding to its target, settings, time). Prints one su
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from bench.cli.common import DeviceOption, err, one_line_errors
+
+if TYPE_CHECKING:
+    from bench.invert import InversionSettings
 
 
 @one_line_errors
@@ -27,19 +30,33 @@ def invert_command(
     run: Optional[Path] = typer.Option(None, "--run", help="A run directory results/<run-id>: its newest "
                                                              "checkpoint, backbone and input size."),
     identities: int = typer.Option(8, "--identities", help="Held-out SynthFace identities to invert."),
-    steps: int = typer.Option(300, "--steps", help="Adam steps on the images."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Adam steps on the images (default 1000).",
+                                        show_default=False),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise and of the random views."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder. Default: <run>/inversion, or "
                                                            "./inversion for a checkpoint outside a run.",
                                        show_default=False),
     device: DeviceOption = None,
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 0.05).", show_default=False),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak Adam learning rate (default 0.05).",
+                                       show_default=False),
     bn_weight: Optional[float] = typer.Option(None, "--bn-weight", help="Weight of the BN-statistics prior "
-                                                                         "(default 0.001).", show_default=False),
+                                                                         "(default 0.01).", show_default=False),
+    first_bn_multiplier: Optional[float] = typer.Option(None, "--first-bn-multiplier", help="Extra factor on the "
+                                                        "first BN layer's term (default 10).", show_default=False),
     tv_weight: Optional[float] = typer.Option(None, "--tv-weight", help="Weight of the total-variation prior "
-                                                                         "(default 0.001).", show_default=False),
+                                                                         "(default 0.01).", show_default=False),
     jitter: Optional[int] = typer.Option(None, "--jitter", help="Random shift of the images by up to this many "
                                                                "pixels per step (default 2).", show_default=False),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips (default on).",
+                                        show_default=False),
+    scale: Optional[float] = typer.Option(None, "--scale", help="Random zoom by up to this fraction per step "
+                                                                "(default 0.1).", show_default=False),
+    rotate: Optional[float] = typer.Option(None, "--rotate", help="Random rotation by up to this many degrees "
+                                                                  "per step (default 10).", show_default=False),
+    verifier: Optional[Path] = typer.Option(
+        None, "--verifier", help="A second run directory whose model also scores the generated images' identity "
+                                 "(an independent check: the inversion optimises the first model's embedding).",
+        show_default=False),
     distractors: int = typer.Option(50, "--distractors", help="Distractor identities in the rank-1 gallery."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone (default: the run's).",
                                            show_default=False),
@@ -54,11 +71,11 @@ def invert_command(
 
     if (checkpoint is None) == (run is None):
         raise ConfigError("give exactly one of --checkpoint (a checkpoint file) or --run (a run directory)")
-    checks = (("--identities", identities, 1), ("--steps", steps, 0), ("--distractors", distractors, 0),
-              ("--jitter", jitter or 0, 0))
-    for name, value, low in checks:
+    for name, value, low in (("--identities", identities, 1), ("--distractors", distractors, 0)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
+    settings = _settings(steps=steps, lr=lr, bn_weight=bn_weight, first_bn_multiplier=first_bn_multiplier,
+                         tv_weight=tv_weight, jitter=jitter, flip=flip, scale=scale, rotate_deg=rotate)
     run_dir = _run_dir(run, checkpoint)
     if checkpoint is not None and not checkpoint.is_file():
         raise BenchError(f"{checkpoint}: checkpoint not found" if not checkpoint.exists()
@@ -82,14 +99,16 @@ def invert_command(
         checkpoint, _ = inv.newest_checkpoint_file(run_dir)
     loaded = inv.load_backbone(checkpoint, backbone, embedding_size, input_size)
     out = out if out is not None else (run_dir / "inversion" if run_dir is not None else Path("inversion"))
+    checker = None
+    if verifier is not None:
+        verifier_dir = _run_dir(verifier, None)
+        assert verifier_dir is not None
+        verifier_cfg = load_config(verifier_dir / "config.yaml")
+        checker = inv.load_backbone(inv.newest_checkpoint_file(verifier_dir)[0], verifier_cfg.train.backbone,
+                                    verifier_cfg.train.embedding_size, input_size)
     err.print(f"inverting {identities} held-out identities with {backbone} ({checkpoint}) on {target}")
-    record, real, generated = inv.run_inversion(
-        loaded, cfg.data.synthface, identities, steps, seed, target,
-        lr=inv.DEFAULT_LR if lr is None else lr,
-        bn_weight=inv.DEFAULT_BN_WEIGHT if bn_weight is None else bn_weight,
-        tv_weight=inv.DEFAULT_TV_WEIGHT if tv_weight is None else tv_weight,
-        jitter=inv.DEFAULT_JITTER if jitter is None else jitter,
-        distractors=distractors)
+    record, real, generated = inv.run_inversion(loaded, cfg.data.synthface, identities, settings, seed, target,
+                                                distractors=distractors, verifier=checker)
     try:
         out.mkdir(parents=True, exist_ok=True)
         inv.save_grid(real, generated, out / "inversion.png")
@@ -97,10 +116,31 @@ def invert_command(
     except OSError as exc:
         raise BenchError(f"{out}: cannot write the inversion ({exc.strerror or exc})") from None
     ref = record["reference"]
-    typer.echo(f"inversion: {identities} identities, {steps} steps: rank-1 {record['identity_rank1']:.3f} "
+    checked = ""
+    if "verifier" in record:
+        checked = (f"; verifier {record['verifier']['model']['backbone']}: rank-1 "
+                   f"{record['verifier']['identity_rank1']:.3f} (real images {record['verifier']['real_image_rank1']:.3f})")
+    typer.echo(f"inversion: {identities} identities, {settings.steps} steps: rank-1 {record['identity_rank1']:.3f} "
                f"(real images {ref['real_image_rank1']:.3f}, initial noise {ref['noise_rank1']:.3f}, chance "
-               f"{ref['chance_rank1']:.3f}), mean cosine to target {record['mean_cosine_to_target']:.3f}; "
+               f"{ref['chance_rank1']:.3f}), mean cosine to target {record['mean_cosine_to_target']:.3f}{checked}; "
                f"{record['time_s']['total']:.1f} s; wrote {out / 'inversion.png'} and {out / 'inversion.json'}")
+
+
+def _settings(**overrides: object) -> InversionSettings:
+    """:class:`bench.invert.InversionSettings` with the options given (None: the default); an option out of
+    range is one ConfigError line naming it."""
+    from bench.errors import ConfigError
+    from bench.invert import InversionSettings
+
+    flags = {"steps": "--steps", "lr": "--lr", "bn_weight": "--bn-weight", "first_bn_multiplier":
+             "--first-bn-multiplier", "tv_weight": "--tv-weight", "jitter": "--jitter", "scale": "--scale",
+             "rotate_deg": "--rotate"}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return InversionSettings(**given)
+    except ValueError as exc:
+        field = next((key for key in flags if f"setting {key} " in str(exc)), None)
+        raise ConfigError(f"{flags.get(field, field)}: out of range ({given.get(field)})") from None
 
 
 def _run_dir(run: Optional[Path], checkpoint: Optional[Path]) -> Optional[Path]:
