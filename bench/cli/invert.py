@@ -12,7 +12,7 @@ cosine of each generated embedding to its target, settings, time). Prints one su
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -20,6 +20,12 @@ from bench.cli.common import DeviceOption, err, one_line_errors
 
 if TYPE_CHECKING:
     from bench.invert import InversionSettings
+
+
+def _setting(flag: str, text: str) -> Any:
+    """An optional flag of :class:`bench.invert.InversionSettings` (None: the dataclass's default, which
+    ``text`` states; ``tests/test_invert.py`` checks that it does)."""
+    return typer.Option(None, flag, help=text, show_default=False)
 
 
 @one_line_errors
@@ -30,29 +36,22 @@ def invert_command(
     run: Optional[Path] = typer.Option(None, "--run", help="A run directory results/<run-id>: its newest "
                                                              "checkpoint, backbone and input size."),
     identities: int = typer.Option(8, "--identities", help="Held-out SynthFace identities to invert."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Adam steps on the images (default 1000).",
-                                        show_default=False),
+    steps: Optional[int] = _setting("--steps", "Adam steps on the images (default 1000)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise and of the random views."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder. Default: <run>/inversion, or "
                                                            "./inversion for a checkpoint outside a run.",
                                        show_default=False),
     device: DeviceOption = None,
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak Adam learning rate (default 0.05).",
-                                       show_default=False),
-    bn_weight: Optional[float] = typer.Option(None, "--bn-weight", help="Weight of the BN-statistics prior "
-                                                                         "(default 0.01).", show_default=False),
-    first_bn_multiplier: Optional[float] = typer.Option(None, "--first-bn-multiplier", help="Extra factor on the "
-                                                        "first BN layer's term (default 10).", show_default=False),
-    tv_weight: Optional[float] = typer.Option(None, "--tv-weight", help="Weight of the total-variation prior "
-                                                                         "(default 0.01).", show_default=False),
-    jitter: Optional[int] = typer.Option(None, "--jitter", help="Random shift of the images by up to this many "
-                                                               "pixels per step (default 2).", show_default=False),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips (default on).",
-                                        show_default=False),
-    scale: Optional[float] = typer.Option(None, "--scale", help="Random zoom by up to this fraction per step "
-                                                                "(default 0.1).", show_default=False),
-    rotate: Optional[float] = typer.Option(None, "--rotate", help="Random rotation by up to this many degrees "
-                                                                  "per step (default 10).", show_default=False),
+    lr: Optional[float] = _setting("--lr", "Peak Adam learning rate (default 0.05)."),
+    bn_weight: Optional[float] = _setting("--bn-weight", "Weight of the BN-statistics prior (default 0.01)."),
+    first_bn_multiplier: Optional[float] = _setting("--first-bn-multiplier",
+                                                    "Extra factor on the first BN layer's term (default 10)."),
+    tv_weight: Optional[float] = _setting("--tv-weight", "Weight of the total-variation prior (default 0.01)."),
+    jitter: Optional[int] = _setting("--jitter", "Random shift by up to this many pixels per step (default 2)."),
+    flip: Optional[bool] = _setting("--flip/--no-flip", "Random horizontal flips (default on)."),
+    scale: Optional[float] = _setting("--scale", "Random zoom by up to this fraction per step (default 0.1)."),
+    rotate: Optional[float] = _setting("--rotate", "Random rotation by up to this many degrees per step "
+                                                   "(default 10)."),
     verifier: Optional[Path] = typer.Option(
         None, "--verifier", help="A second run directory whose model also scores the generated images' identity "
                                  "(an independent check: the inversion optimises the first model's embedding).",
