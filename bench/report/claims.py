@@ -61,6 +61,8 @@ class ClaimRow:
     runs: list[str] = field(default_factory=list)
     #: ``commit``, ``device``, ``date``: the distinct values among the runs behind the row.
     origins: dict[str, list[str]] = field(default_factory=dict)
+    #: A trend claim's x column (then ``mean_difference`` and the interval are Spearman's rho, not points).
+    trend_x: str = ""
 
     @property
     def judged(self) -> bool:
@@ -68,6 +70,8 @@ class ClaimRow:
 
     def relation_text(self) -> str:
         # no "|": it would split a Markdown table cell
+        if self.trend_x:
+            return f"increases with {self.trend_x}: Spearman rho > 0"
         return "A > B" if self.relation == "better" else f"A ≈ B within ±{100 * (self.eps or 0):.2g}"
 
 
@@ -76,9 +80,12 @@ def _points(value: float) -> str:
 
 
 def difference_text(row: ClaimRow) -> str:
-    """``+1.23 [+0.40, +2.06]`` (points), or the mean alone with one seed, or empty."""
+    """``+1.23 [+0.40, +2.06]`` (points), or the mean alone with one seed, or empty; for a trend claim
+    ``rho -0.740 [-0.995, -0.195]``."""
     if not row.judged:
         return ""
+    if row.trend_x:
+        return f"rho {row.mean_difference:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]"
     if math.isnan(row.ci_low):
         return _points(row.mean_difference)
     return f"{_points(row.mean_difference)} [{_points(row.ci_low)}, {_points(row.ci_high)}]"
@@ -95,11 +102,16 @@ def verdict_text(row: ClaimRow) -> str:
 
 
 def _cells(row: ClaimRow) -> list[str]:
-    return [row.id, row.paper, row.claim, row.setting or "defaults", f"A: {row.arm_a}; B: {row.arm_b}",
+    arms = row.arm_a if row.trend_x else f"A: {row.arm_a}; B: {row.arm_b}"
+    return [row.id, row.paper, row.claim, row.setting or "defaults", arms,
             f"{row.metric} ({row.relation_text()})", difference_text(row), str(row.n), verdict_text(row)]
 
 
 HEADERS = ["id", "paper", "claim", "setting", "arms", "metric", "A - B (points) [95% CI]", "n", "verdict"]
+#: Under the table: how a trend claim's row reads (shown only when one is listed).
+TREND_NOTE = ("A trend claim (relation \"increases with ...\") lists its levels as arms; its difference column "
+              "holds Spearman's rho between the two columns over every (level, seed) run, with a 95 % percentile "
+              "bootstrap interval over runs, and n counts the runs.")
 
 
 def runs_provenance(rows: list[ClaimRow]) -> str:
@@ -126,12 +138,15 @@ def claims_markdown(rows: list[ClaimRow], provenance: str = "") -> str:
         parts.append("(no claims selected)\n")
         return "\n".join(parts)
     parts.append(tabulate([_cells(r) for r in rows], headers=HEADERS, tablefmt="pipe", disable_numparse=True) + "\n")
+    if any(r.trend_x for r in rows):
+        parts.append(TREND_NOTE + "\n")
     parts.append("## Equivalence margins\n")
     parts += [f"- `{r.id}`: eps = {100 * r.eps:.2g} points: {r.eps_reason}" for r in rows
               if r.relation == "equivalent" and r.eps is not None]
     parts.append("\n## Runs behind each verdict\n")
     for row in rows:
-        means = (f" Means: A {100 * row.mean_a:.2f}, B {100 * row.mean_b:.2f}." if row.judged else "")
+        means = (f" Means: A {100 * row.mean_a:.2f}, B {100 * row.mean_b:.2f}." if row.judged and not row.trend_x
+                 else "")
         tost = f" TOST p = {row.tost_p:.3g}." if row.tost_p is not None and not math.isnan(row.tost_p) else ""
         parts.append(f"- `{row.id}` ({row.where}).{means}{tost} " + ("; ".join(row.runs) if row.runs else "no runs"))
     return "\n".join(parts) + "\n"
@@ -165,8 +180,10 @@ def forest_plot(rows: list[ClaimRow]):  # noqa: ANN201 (a matplotlib Figure; mat
     for y, row in enumerate(reversed(rows)):
         if row.relation == "equivalent" and row.eps is not None:
             ax.add_patch(Rectangle((-100 * row.eps, y - 0.35), 200 * row.eps, 0.7, color="0.85", zorder=0))
-        if not row.judged:
-            ax.text(0.0, y, f"  {row.verdict}", va="center", ha="left", fontsize=7, color="0.4")
+        if not row.judged or row.trend_x:
+            # A trend's rho is not in points: its verdict is written, not drawn on this axis.
+            text = f"  {row.verdict}" + (f": {difference_text(row)}" if row.judged else "")
+            ax.text(0.0, y, text, va="center", ha="left", fontsize=7, color="0.4")
             continue
         colour = VERDICT_COLOURS.get(row.verdict, "0.3")
         if not math.isnan(row.ci_low):

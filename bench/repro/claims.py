@@ -26,6 +26,26 @@ model (``ri``'s own quality estimate against ERS, both from one run per seed); `
 judges a metric where lower wins (an error, a pAUC of the error-versus-discard curve): the difference
 judged is then ``B - A``, so that "A better than B" is still a positive difference.
 
+A *trend* claim ("accuracy increases with X", judged over several levels of one setting rather than between
+two arms) has ``relation: increases`` and a ``trend`` instead of arms:
+
+.. code-block:: yaml
+
+      - id: ssl-concentration
+        metric: synth-lfw acc                         # y: the results column that should increase ...
+        relation: increases
+        set: {train.budget: 12800, eval.protocols: [synth-lfw, synth-geometry]}
+        trend:
+          method: infonce
+          x: synth-geometry concentration sigma@0.8   # ... with this results column of the same run
+          levels:                                     # one run per level and seed
+            - {method_params.infonce.strength: 0.25, eval.geometry_strength: 0.25}
+            - {method_params.infonce.strength: 1.0, eval.geometry_strength: 1.0}
+
+It is judged by Spearman's rho between x and y over every (level, seed) run and its percentile bootstrap
+interval (:func:`bench.stats.spearman_interval`): reproduced when the interval lies above 0, contradicted
+when below.
+
 Each comparison (or the claim itself when it lists none) is judged on its own: arm A and arm B, each a
 method, its parameters and optional overrides of its own (``set``), over the claim's setting. Seed ``k``
 of every arm trains with ``train.seed = k`` and ``data.split.seed = k``: the arms of one seed share the
@@ -96,6 +116,26 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class Trend:
+    """A trend claim's runs: ``method`` (with ``params``) at each of ``levels`` (overrides of the claim's
+    setting), judged on the rank correlation of results column ``x`` with the claim's metric."""
+
+    method: str
+    x: str
+    levels: tuple[dict[str, Any], ...]
+    set: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def level_label(self, index: int) -> str:
+        """``strength=0.25, geometry_strength=0.25``: each override's last key component and value."""
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.levels[index].items())
+
+
+#: The relation of a trend claim (the pairwise relations are :data:`bench.stats.RELATIONS`).
+TREND_RELATION = "increases"
+
+
+@dataclass(frozen=True)
 class Claim:
     id: str
     paper_key: str
@@ -111,6 +151,8 @@ class Claim:
     comparisons: tuple[Comparison, ...] = ()
     #: The metric is an error or a cost: the judged difference is B - A.
     lower_is_better: bool = False
+    #: A trend claim's runs (then ``comparisons`` is empty).
+    trend: Trend | None = None
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -135,7 +177,23 @@ def _arm(raw: Any, where: str) -> Arm:
 
 
 _CLAIM_KEYS = {"id", "claim", "where", "metric", "relation", "eps", "eps_reason", "set", "a", "b", "comparisons",
-               "requires", "lower_is_better"}
+               "requires", "lower_is_better", "trend"}
+
+
+def _trend(raw: Any, base_set: dict[str, Any], where: str) -> Trend:
+    raw = _mapping(raw, f"{where}.trend")
+    unknown = set(raw) - {"method", "params", "x", "levels"}
+    if unknown:
+        raise ConfigError(f"{where}.trend: unknown key(s) {', '.join(sorted(unknown))}; valid: levels, method, "
+                          "params, x")
+    if not isinstance(raw.get("method"), str) or not isinstance(raw.get("x"), str) or not raw["x"].strip():
+        raise ConfigError(f"{where}.trend: needs 'method' (a method name) and 'x' (a results column)")
+    levels = raw.get("levels")
+    if not isinstance(levels, list) or len(levels) < 3:
+        raise ConfigError(f"{where}.trend: 'levels' must list at least 3 settings (a rank correlation needs them)")
+    return Trend(raw["method"], raw["x"], tuple(_mapping(level, f"{where}.trend.levels[{i}]")
+                                                for i, level in enumerate(levels)),
+                 base_set, _mapping(raw.get("params"), f"{where}.trend.params"))
 
 
 def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
@@ -148,8 +206,13 @@ def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise ConfigError(f"{where}: '{key}' is required (a non-empty string)")
     where = f"{source}: claim '{raw['id']}'"
-    if raw["relation"] not in RELATIONS:
-        raise ConfigError(f"{where}: relation must be one of {', '.join(RELATIONS)}, got {raw['relation']!r}")
+    if raw["relation"] not in (*RELATIONS, TREND_RELATION):
+        raise ConfigError(f"{where}: relation must be one of {', '.join((*RELATIONS, TREND_RELATION))}, got "
+                          f"{raw['relation']!r}")
+    if ("trend" in raw) != (raw["relation"] == TREND_RELATION):
+        raise ConfigError(f"{where}: relation '{TREND_RELATION}' goes with a 'trend' (and a trend with it)")
+    if "trend" in raw and any(key in raw for key in ("a", "b", "comparisons", "lower_is_better")):
+        raise ConfigError(f"{where}: a trend claim has levels, not arms a/b or comparisons")
     eps = raw.get("eps")
     if raw["relation"] == "equivalent":
         if not isinstance(eps, (int, float)) or eps <= 0 or not str(raw.get("eps_reason", "")).strip():
@@ -165,6 +228,9 @@ def _claim(raw: Any, paper: dict[str, Any], source: Path, index: int) -> Claim:
                   eps=float(eps) if eps is not None else None, eps_reason=str(raw.get("eps_reason", "")).strip(),
                   requires=tuple(requires), source=source, lower_is_better=_flag(raw, "lower_is_better", where))
     base_set = _mapping(raw.get("set"), f"{where}.set")
+    if "trend" in raw:
+        object.__setattr__(claim, "trend", _trend(raw["trend"], base_set, where))
+        return claim
     entries = raw.get("comparisons") or [{"name": ""}]
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: comparisons must be a list")
@@ -248,17 +314,40 @@ def arm_config(comparison: Comparison, arm: Arm, seed: int, budget: int | None =
     Precedence: defaults < :data:`REGISTRY_SETTING` < the claim's and comparison's setting < the arm's own
     ``set`` < ``budget`` and ``overrides`` (``bench reproduce --budget`` / ``--set``) < the seed, the method
     and ``out``."""
-    values: dict[str, Any] = {**REGISTRY_SETTING, **comparison.set, **arm.set}
+    return _run_config({**comparison.set, **arm.set}, arm.method, arm.params, seed, budget, out, overrides,
+                       f"{comparison.claim.source}: claim '{comparison.row_id}', arm {arm.label()}")
+
+
+def trend_config(claim: Claim, level: int, seed: int, budget: int | None = None, out: str = CLAIMS_RESULTS,
+                 overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration of level ``level`` of trend claim ``claim`` with seed ``seed``: the same
+    precedence as :func:`arm_config`, the level's overrides in the place of an arm's ``set``."""
+    trend = claim.trend
+    if trend is None:
+        raise ValueError(f"claim '{claim.id}' is not a trend claim")
+    return _run_config({**trend.set, **trend.levels[level]}, trend.method, trend.params, seed, budget, out, overrides,
+                       f"{claim.source}: claim '{claim.id}', level {trend.level_label(level)}")
+
+
+def _run_config(setting: dict[str, Any], method: str, params: dict[str, Any], seed: int, budget: int | None,
+                out: str, overrides: dict[str, Any] | None, where: str) -> RunConfig:
+    values: dict[str, Any] = {**REGISTRY_SETTING, **setting}
     if budget is not None:
         values["train.budget"] = budget
     values.update(overrides or {})
-    values.update({"methods": [arm.method], "train.seed": seed, "data.split.seed": seed, "out": out})
-    for param, value in arm.params.items():
-        values[f"method_params.{arm.method}.{param}"] = value
+    values.update({"methods": [method], "train.seed": seed, "data.split.seed": seed, "out": out})
+    for param, value in params.items():
+        values[f"method_params.{method}.{param}"] = value
     try:
         return load_config(None, values)
     except ConfigError as exc:
-        raise ConfigError(f"{comparison.claim.source}: claim '{comparison.row_id}', arm {arm.label()}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def run_fingerprint(config: RunConfig) -> str:
+    """The configuration fingerprint the run record of one-method ``config`` carries (what reuse and the
+    judge look runs up by)."""
+    return config.for_method(config.methods[0]).resolved().fingerprint()
 
 
 def arm_fingerprint(comparison: Comparison, arm: Arm, seed: int, budget: int | None = None,
@@ -266,4 +355,4 @@ def arm_fingerprint(comparison: Comparison, arm: Arm, seed: int, budget: int | N
     """:func:`arm_config` and the configuration fingerprint its run record carries (what reuse and the
     judge look runs up by)."""
     config = arm_config(comparison, arm, seed, budget, out, overrides)
-    return config, config.for_method(arm.method).resolved().fingerprint()
+    return config, run_fingerprint(config)

@@ -6,6 +6,11 @@ records of the results directory; nothing is trained here. Seed ``k`` contribute
 ``metric(A, k) - metric(B, k)`` when both arms have it; an arm missing a seed is listed as missing. The
 interval, verdict and seeds needed come from :mod:`bench.stats`. A claim that needs a parameter no method
 has yet is "not yet runnable" and is never given a verdict.
+
+A trend claim (:class:`bench.repro.claims.Trend`) is judged over every (level, seed) run found: Spearman's
+rho between its ``x`` column and the claim's metric, with a percentile bootstrap interval over runs
+(:func:`bench.stats.spearman_interval`); reproduced when the interval lies above 0, contradicted when below,
+inconclusive otherwise or with fewer than three runs.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from typing import Any
 from bench.records import complete_runs_by_fingerprint, read_record
 from bench.report.claims import ClaimRow
 from bench.report.runs import record_row
-from bench.repro.claims import CLAIMS_RESULTS, Arm, Claim, Comparison, arm_fingerprint, missing_requirements
-from bench.stats import seeds_needed, t_interval, tost_p_value, verdict
+from bench.repro.claims import (CLAIMS_RESULTS, Arm, Claim, Comparison, arm_fingerprint, missing_requirements,
+                                run_fingerprint, trend_config)
+from bench.stats import seeds_needed, spearman_interval, t_interval, tost_p_value, verdict
 
 
 def seeds_in(results_dir: Path | str) -> list[int]:
@@ -42,6 +48,9 @@ def judge(claims: list[Claim], seeds: int | Sequence[int], results_dir: Path | s
     rows = []
     for claim in claims:
         missing = missing_requirements(claim)
+        if claim.trend is not None:
+            rows.append(judge_trend(claim, seeds, existing, str(results_dir), budget, overrides)[0])
+            continue
         for comparison in claim.comparisons:
             if missing:
                 rows.append(_row(comparison, status=f"not yet runnable: needs {', '.join(missing)}"))
@@ -107,6 +116,58 @@ def _judge_comparison(comparison: Comparison, seeds: int | Sequence[int], existi
                 needed=seeds_needed(interval.mean, interval.sd, claim.relation, claim.eps),
                 tost=tost_p_value(differences, claim.eps) if claim.relation == "equivalent" else None,
                 mean_a=t_interval(values["a"]).mean, mean_b=t_interval(values["b"]).mean)
+
+
+def trend_verdict(low: float, high: float) -> str:
+    """A rank correlation's verdict for "increases": its interval above 0, below 0, or neither."""
+    if math.isnan(low) or math.isnan(high):
+        return "inconclusive"
+    return "reproduced" if low > 0 else "contradicted" if high < 0 else "inconclusive"
+
+
+def judge_trend(claim: Claim, seeds: int | Sequence[int], existing: dict[str, Path], out: str,
+                budget: int | None = None, overrides: dict[str, Any] | None = None
+                ) -> tuple[ClaimRow, list[dict[str, Any]]]:
+    """The row of trend claim ``claim`` and its points (one per run found: level index, level label, seed,
+    x, y, run directory), judged on the records ``existing`` (fingerprint -> directory) for the seeds."""
+    trend = claim.trend
+    assert trend is not None
+    requested = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    points, runs, missing = [], [], []
+    origins: dict[str, set[str]] = {}
+    for index in range(len(trend.levels)):
+        for seed in requested:
+            fingerprint = run_fingerprint(trend_config(claim, index, seed, budget, out, overrides))
+            directory = existing.get(fingerprint)
+            if directory is None:
+                if isinstance(seeds, int):
+                    missing.append(f"{trend.level_label(index)} seed {seed}")
+                continue
+            x, origin = _metric(directory, trend.x)
+            y, _ = _metric(directory, claim.metric)
+            for key, item in origin.items():
+                if item:
+                    origins.setdefault(key, set()).add(str(item))
+            if x is None or y is None:
+                missing.append(f"{trend.level_label(index)} seed {seed} ({directory.name} lacks a column)")
+                continue
+            points.append({"level": index, "label": trend.level_label(index), "seed": seed, "x": x, "y": y,
+                           "run": directory.name})
+            runs.append(f"{trend.level_label(index)} seed {seed}: {directory.name} ({fingerprint})")
+    rho, low, high = spearman_interval([p["x"] for p in points], [p["y"] for p in points]) if len(points) >= 3 \
+        else (math.nan, math.nan, math.nan)
+    status = "judged" if not math.isnan(rho) else ("no runs" if not points else "too few runs to rank")
+    setting = ", ".join(f"{k}={v}" for k, v in trend.set.items())
+    row = ClaimRow(
+        id=claim.id, paper=claim.citation, paper_key=claim.paper_key, claim=claim.claim, where=claim.where,
+        setting=setting, arm_a=f"{trend.method} at {len(trend.levels)} levels: "
+                                + "; ".join(trend.level_label(i) for i in range(len(trend.levels))),
+        arm_b="", metric=claim.metric, relation=claim.relation, eps=None, eps_reason="", n=len(points),
+        mean_difference=rho, sd=math.nan, ci_low=low, ci_high=high, mean_a=math.nan, mean_b=math.nan,
+        verdict=trend_verdict(low, high) if status == "judged" else status, status=status,
+        seeds_requested=len(requested), missing=missing, runs=runs, trend_x=trend.x,
+        origins={key: sorted(values) for key, values in origins.items()})
+    return row, points
 
 
 def _row(comparison: Comparison, status: str, interval=None, missing=(), runs=(), seeds_requested: int = 0,  # noqa: ANN001

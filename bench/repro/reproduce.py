@@ -21,7 +21,8 @@ from rich.markup import escape
 from bench.config import RunConfig
 from bench.records import atomic_write_json, ensure_writable_dir
 from bench.report.claims import ClaimRow
-from bench.repro.claims import CLAIMS_RESULTS, Claim, arm_fingerprint, missing_requirements
+from bench.repro.claims import (CLAIMS_RESULTS, Claim, arm_fingerprint, missing_requirements, run_fingerprint,
+                                trend_config)
 from bench.repro.judge import judge
 from bench.runner import run
 from bench.train import NonFiniteLossError
@@ -50,6 +51,12 @@ def plan(claims: list[Claim], seeds: int, budget: int | None = None, out: str = 
         for claim in claims:
             if missing_requirements(claim):
                 continue
+            if claim.trend is not None:
+                for level in range(len(claim.trend.levels)):
+                    config = trend_config(claim, level, seed, budget, out, overrides)
+                    planned.setdefault(run_fingerprint(config), PlannedRun(
+                        config, run_fingerprint(config),
+                        f"{claim.trend.method} [{claim.trend.level_label(level)}] seed {seed} ({claim.id})"))
             for comparison in claim.comparisons:
                 for arm in (comparison.a, comparison.b):
                     config, fingerprint = arm_fingerprint(comparison, arm, seed, budget, out, overrides)
