@@ -15,6 +15,7 @@ import yaml
 from scipy import stats
 
 from bench.records import complete_runs_by_fingerprint
+from bench.report.claims import TREND_NOTE, claims_markdown
 from bench.repro.claims import CLAIMS_DIR, load_claims, run_fingerprint, select_claims, trend_config
 from bench.repro.concentration import markdown, per_level
 from bench.repro.judge import judge, judge_trend, trend_verdict
@@ -106,6 +107,9 @@ def test_judge_trend_on_fabricated_runs(tmp_path: Path, trend_claim, sign, expec
     assert (same.verdict, same.mean_difference) == (row.verdict, row.mean_difference)
     (more,) = judge([trend_claim], 4, results)
     assert len(more.missing) == 3 and more.n == 9
+    # The claims report shows rho, not points, and says how to read the row.
+    text = claims_markdown([row])
+    assert f"rho {sign * 1.0:+.3f} [" in text and TREND_NOTE in text and "Means: A" not in text
 
 
 def test_a_trend_claim_plans_one_run_per_level_and_seed(trend_claim):  # noqa: ANN001
