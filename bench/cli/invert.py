@@ -6,7 +6,8 @@ as targets the normalised mean embeddings of held-out SynthFace identities (eval
 700,000), generates one image per identity from its target with the network gradient and the BN prior, and
 writes ``OUT/inversion.png`` (each real face beside its generated one) and ``OUT/inversion.json`` (rank-1 of
 the generated images against a gallery of other real images of the same and of distractor identities,
-cosine of each generated embedding to its target, settings, time). Prints one summary line on stdout.
+cosine of each generated embedding to its target, settings, time; with ``--verifier <run>``, the same rank-1
+under that second run's independently trained model). Prints one summary line on stdout.
 """
 
 from __future__ import annotations

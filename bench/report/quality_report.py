@@ -158,11 +158,6 @@ def _plain_cell(row: pd.Series, column: str, digits: int) -> tuple[str, str]:
     return text, interval
 
 
-def _percent_cell(row: pd.Series, column: str) -> tuple[str, str]:
-    text, interval, _ = metric_cell(row, column)
-    return (text or MISSING), interval
-
-
 Cell = tuple[str, str, bool]  # text, interval, bold
 
 

@@ -80,6 +80,11 @@ CLAIMS_RESULTS = "results/claims"
 REGISTRY_SETTING: dict[str, Any] = {"train.budget": 40_000, "eval.protocols": ["synth-lfw", "synth-ijbc"]}
 
 
+def settings_text(values: dict[str, Any]) -> str:
+    """``data.split.name=full, train.budget=12800``: a mapping of overrides as one line."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
 @dataclass(frozen=True)
 class Arm:
     """One side of a comparison: a method, its parameters, and overrides of the setting for this arm."""
@@ -92,8 +97,8 @@ class Arm:
 
     def label(self) -> str:
         """``pfc(sample_rate=0.1)``, plus its own overrides (``arcface [data.split.name=full]``) and metric."""
-        text = self.method + (f"({', '.join(f'{k}={v}' for k, v in self.params.items())})" if self.params else "")
-        text += f" [{', '.join(f'{k}={v}' for k, v in self.set.items())}]" if self.set else ""
+        text = self.method + (f"({settings_text(self.params)})" if self.params else "")
+        text += f" [{settings_text(self.set)}]" if self.set else ""
         return text + (f" on '{self.metric}'" if self.metric else "")
 
 
@@ -112,7 +117,7 @@ class Comparison:
         return self.claim.id if not self.name else f"{self.claim.id}/{self.name}"
 
     def setting_text(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.set.items())
+        return settings_text(self.set)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from bench.records import complete_runs_by_fingerprint, read_record
 from bench.report.claims import ClaimRow
 from bench.report.runs import record_row
 from bench.repro.claims import (CLAIMS_RESULTS, Arm, Claim, Comparison, arm_fingerprint, missing_requirements,
-                                run_fingerprint, trend_config)
+                                run_fingerprint, settings_text, trend_config)
 from bench.stats import seeds_needed, spearman_interval, t_interval, tost_p_value, verdict
 
 
@@ -157,10 +157,9 @@ def judge_trend(claim: Claim, seeds: int | Sequence[int], existing: dict[str, Pa
     rho, low, high = spearman_interval([p["x"] for p in points], [p["y"] for p in points]) if len(points) >= 3 \
         else (math.nan, math.nan, math.nan)
     status = "judged" if not math.isnan(rho) else ("no runs" if not points else "too few runs to rank")
-    setting = ", ".join(f"{k}={v}" for k, v in trend.set.items())
     row = ClaimRow(
         id=claim.id, paper=claim.citation, paper_key=claim.paper_key, claim=claim.claim, where=claim.where,
-        setting=setting, arm_a=f"{trend.method} at {len(trend.levels)} levels: "
+        setting=settings_text(trend.set), arm_a=f"{trend.method} at {len(trend.levels)} levels: "
                                 + "; ".join(trend.level_label(i) for i in range(len(trend.levels))),
         arm_b="", metric=claim.metric, relation=claim.relation, eps=None, eps_reason="", n=len(points),
         mean_difference=rho, sd=math.nan, ci_low=low, ci_high=high, mean_a=math.nan, mean_b=math.nan,

@@ -54,8 +54,9 @@ def plan(claims: list[Claim], seeds: int, budget: int | None = None, out: str = 
             if claim.trend is not None:
                 for level in range(len(claim.trend.levels)):
                     config = trend_config(claim, level, seed, budget, out, overrides)
-                    planned.setdefault(run_fingerprint(config), PlannedRun(
-                        config, run_fingerprint(config),
+                    fingerprint = run_fingerprint(config)
+                    planned.setdefault(fingerprint, PlannedRun(
+                        config, fingerprint,
                         f"{claim.trend.method} [{claim.trend.level_label(level)}] seed {seed} ({claim.id})"))
             for comparison in claim.comparisons:
                 for arm in (comparison.a, comparison.b):
